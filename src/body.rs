@@ -1,0 +1,301 @@
+//! [`AfterBody`]: the response body that notices its own end.
+//!
+//! The end of a response is not one event. The server may poll the body until it yields `None`,
+//! or stop as soon as `is_end_stream()` says it is done (hyper does, once a `Content-Length` is
+//! met), or never poll it at all (`HEAD`, `204`, `304`), or drop it half-way because the client
+//! left. The body checks for its end after every frame and treats its own drop as the end, so
+//! every one of these paths finishes the request exactly once.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Buf;
+use http::{Method, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::scope::Scope;
+use crate::{Completion, Outcome};
+
+pin_project! {
+    /// The response body of [`AfterService`](crate::AfterService): the inner body, unchanged,
+    /// plus the bookkeeping that starts the request's callbacks once the body has ended.
+    pub struct AfterBody<B> {
+        #[pin]
+        inner: B,
+        finisher: Finisher,
+    }
+}
+
+impl<B: Body> AfterBody<B> {
+    pub(crate) fn new(inner: B, mut finisher: Finisher) -> Self {
+        finisher.expected = inner.size_hint().exact();
+        finisher.complete_on_drop |= inner.is_end_stream() || finisher.expected == Some(0);
+        Self { inner, finisher }
+    }
+}
+
+impl<B: Body> Body for AfterBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let finisher = this.finisher;
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    finisher.body_bytes += data.remaining() as u64;
+                }
+                // The server may stop polling here without waiting for `None`.
+                let length_met = finisher
+                    .expected
+                    .is_some_and(|expected| finisher.body_bytes >= expected);
+                if length_met || this.inner.is_end_stream() {
+                    finisher.finish(Completion::Complete);
+                }
+            }
+            Some(Err(_)) => finisher.finish(Completion::BodyError),
+            None => finisher.finish(Completion::Complete),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for AfterBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AfterBody")
+            .field("inner", &self.inner)
+            .field("finished", &self.finisher.scope.is_none())
+            .finish()
+    }
+}
+
+/// Reports the end of a request to its scope, exactly once: when told, or when dropped.
+/// The default one has nothing to report.
+#[derive(Default)]
+pub(crate) struct Finisher {
+    /// Taken when the request finishes, so it cannot finish twice.
+    scope: Option<Arc<Scope>>,
+    status: Option<StatusCode>,
+    body_bytes: u64,
+    /// The body's exact length, if known: the server may stop polling once it is met.
+    expected: Option<u64>,
+    /// Dropping means the response is complete: it has no body to send, or is at its end.
+    complete_on_drop: bool,
+}
+
+impl Finisher {
+    pub(crate) fn new(scope: Arc<Scope>) -> Self {
+        Self {
+            scope: Some(scope),
+            status: None,
+            body_bytes: 0,
+            expected: None,
+            complete_on_drop: false,
+        }
+    }
+
+    /// Records the response's status; a response the server sends without a body counts as
+    /// complete once dropped.
+    pub(crate) fn responded(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        let head = self
+            .scope
+            .as_ref()
+            .is_some_and(|scope| scope.snapshot.method() == Method::HEAD);
+        self.complete_on_drop = head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        self
+    }
+
+    pub(crate) fn finish(&mut self, completion: Completion) {
+        if let Some(scope) = self.scope.take() {
+            let now = Instant::now();
+            let outcome = Outcome {
+                status: self.status,
+                completion,
+                body_bytes: self.body_bytes,
+                elapsed: now.saturating_duration_since(scope.entered),
+            };
+            scope.finish(outcome, now);
+        }
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        let completion = if self.complete_on_drop {
+            Completion::Complete
+        } else {
+            Completion::Aborted
+        };
+        self.finish(completion);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Empty, Full};
+    use tower::ServiceExt;
+
+    use crate::test_util::{recording, settle, Seen, TestBody, Then};
+    use crate::{AfterLayer, Completion};
+
+    #[tokio::test]
+    async fn a_body_read_to_its_end_is_complete() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || {
+            Response::new(TestBody::new(&["hello ", "world"], Then::End))
+        });
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "hello world");
+
+        let outcome = seen.one().await;
+        assert_eq!(outcome.completion(), Completion::Complete);
+        assert_eq!(outcome.status(), Some(StatusCode::OK));
+        assert_eq!(outcome.body_bytes(), 11);
+        assert_eq!(layer.tasks().pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn callbacks_wait_for_the_end_of_the_body() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || {
+            Response::new(TestBody::new(&["first", "second"], Then::End))
+        });
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        settle().await;
+        assert!(seen.all().is_empty(), "ran before the body ended");
+        assert_eq!(layer.tasks().pending(), 1);
+
+        body.frame().await.unwrap().unwrap();
+        assert!(body.frame().await.is_none());
+        assert_eq!(seen.one().await.completion(), Completion::Complete);
+    }
+
+    #[tokio::test]
+    async fn reaching_an_exact_length_is_the_end_even_if_never_polled_again() {
+        // hyper stops polling once Content-Length bytes went out, then drops the body.
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || {
+            Response::new(TestBody::new(&["12345"], Then::Pending).exact())
+        });
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        let outcome = seen.one().await;
+        assert_eq!(outcome.completion(), Completion::Complete);
+        assert_eq!(outcome.body_bytes(), 5);
+        drop(body);
+        settle().await;
+        assert_eq!(seen.all().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_body_ends_with_its_only_frame() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || Response::new(Full::new(bytes::Bytes::from("all at once"))));
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(seen.one().await.completion(), Completion::Complete);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_half_way_is_aborted() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || {
+            Response::new(TestBody::new(&["tick"], Then::Pending))
+        });
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        settle().await;
+        assert!(seen.all().is_empty());
+
+        drop(body);
+        let outcome = seen.one().await;
+        assert_eq!(outcome.completion(), Completion::Aborted);
+        assert_eq!(outcome.status(), Some(StatusCode::OK));
+        assert_eq!(outcome.body_bytes(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_body_error_ends_the_response_once() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || {
+            Response::new(TestBody::new(&["part"], Then::Error))
+        });
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        assert!(body.frame().await.unwrap().is_err());
+        // The server would stop here; polling on or dropping must not finish it again.
+        assert!(body.frame().await.is_none());
+        drop(body);
+        let outcome = seen.one().await;
+        assert_eq!(outcome.completion(), Completion::BodyError);
+        assert_eq!(outcome.body_bytes(), 4);
+    }
+
+    #[tokio::test]
+    async fn responses_without_a_body_are_complete_when_dropped_unpolled() {
+        let cases: [(http::Method, StatusCode, bool); 4] = [
+            (http::Method::HEAD, StatusCode::OK, false),
+            (http::Method::GET, StatusCode::NO_CONTENT, false),
+            (http::Method::GET, StatusCode::NOT_MODIFIED, false),
+            (http::Method::GET, StatusCode::OK, true),
+        ];
+        for (method, status, empty) in cases {
+            let (layer, seen) = (AfterLayer::new(), Seen::default());
+            let service = recording(&layer, &seen, move || {
+                let body: http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error> = if empty {
+                    Empty::new().map_err(|never| match never {}).boxed()
+                } else {
+                    // A body the server would not send: never polled.
+                    TestBody::new(&["unsent"], Then::Pending).boxed()
+                };
+                let mut response = Response::new(body);
+                *response.status_mut() = status;
+                response
+            });
+            let request = Request::builder().method(method.clone()).body(()).unwrap();
+            let response = service.oneshot(request).await.unwrap();
+            drop(response);
+            let outcome = seen.one().await;
+            assert_eq!(
+                outcome.completion(),
+                Completion::Complete,
+                "{method} answered {status}, empty body: {empty}"
+            );
+            assert_eq!(outcome.status(), Some(status));
+            assert_eq!(outcome.body_bytes(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_polled_is_complete() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || Response::new(Empty::<bytes::Bytes>::new()));
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        assert!(body.frame().await.is_none());
+        assert_eq!(seen.one().await.completion(), Completion::Complete);
+    }
+}

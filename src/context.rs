@@ -1,0 +1,122 @@
+//! What a callback learns about its request: [`AfterContext`], [`Outcome`] and [`Completion`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::scope::Scope;
+use crate::RequestSnapshot;
+
+/// What a [`run_with`](crate::After::run_with) callback receives: the request as it arrived and
+/// how its response ended.
+///
+/// It holds only the snapshot and the outcome, never the response or its body, so a callback that
+/// is still running does not keep the response's buffers alive.
+#[derive(Clone)]
+pub struct AfterContext {
+    scope: Arc<Scope>,
+    outcome: Outcome,
+}
+
+impl AfterContext {
+    pub(crate) fn new(scope: Arc<Scope>, outcome: Outcome) -> Self {
+        Self { scope, outcome }
+    }
+
+    /// The request as it was when it entered [`AfterLayer`](crate::AfterLayer): method, URI,
+    /// version, headers and cookies.
+    ///
+    /// ```
+    /// # use tower_after::AfterContext;
+    /// async fn log(ctx: AfterContext) {
+    ///     let session = ctx.request().cookie("session-id").unwrap_or("anonymous");
+    ///     println!("{} {} by {session}", ctx.request().method(), ctx.request().uri());
+    /// }
+    /// ```
+    #[must_use]
+    pub fn request(&self) -> &RequestSnapshot {
+        &self.scope.snapshot
+    }
+
+    /// How the response ended: status, [`Completion`], bytes sent and time taken.
+    ///
+    /// ```
+    /// # use tower_after::{AfterContext, Completion};
+    /// async fn log(ctx: AfterContext) {
+    ///     let outcome = ctx.outcome();
+    ///     if outcome.completion() != Completion::Complete {
+    ///         println!("{:?} after {:?}", outcome.completion(), outcome.elapsed());
+    ///     }
+    /// }
+    /// ```
+    #[must_use]
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+}
+
+impl fmt::Debug for AfterContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AfterContext")
+            .field("request", self.request())
+            .field("outcome", &self.outcome)
+            .finish()
+    }
+}
+
+/// How a response ended, as seen by the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub(crate) status: Option<StatusCode>,
+    pub(crate) completion: Completion,
+    pub(crate) body_bytes: u64,
+    pub(crate) elapsed: Duration,
+}
+
+impl Outcome {
+    /// The response's status, or `None` when no response was produced: the inner service failed
+    /// or panicked, or the client left while the handler was still running.
+    #[must_use]
+    pub fn status(&self) -> Option<StatusCode> {
+        self.status
+    }
+
+    /// How the response ended.
+    #[must_use]
+    pub fn completion(&self) -> Completion {
+        self.completion
+    }
+
+    /// The number of body bytes handed to the server for sending.
+    ///
+    /// Content encoding applied *outside* `AfterLayer` (a compression layer wrapping it) is not
+    /// reflected; one applied inside is.
+    #[must_use]
+    pub fn body_bytes(&self) -> u64 {
+        self.body_bytes
+    }
+
+    /// Time from the request entering the layer to the end of its response.
+    #[must_use]
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}
+
+/// How a response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Completion {
+    /// The body was sent to its end (for a `HEAD` request, a `204` or a `304`: the response was
+    /// sent, since it has no body).
+    Complete,
+    /// The body yielded an error part-way; the server cut the response short.
+    BodyError,
+    /// The response was dropped before its end: the client went away mid-body, or before the
+    /// handler had produced a response at all.
+    Aborted,
+    /// No response was produced: the inner service returned an error or panicked.
+    Failed,
+}

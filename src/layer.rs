@@ -1,0 +1,190 @@
+//! [`AfterLayer`], which opens a scope for every request, and [`MaxDuration`], which sets one
+//! route's budget.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::tasks::Shared;
+use crate::{After, AfterService, AfterTasks};
+
+/// A [`Layer`] that lets every request it wraps schedule work for after its response: see
+/// [`After`].
+///
+/// Put it on the outside of the router, so that every route, fallback and inner middleware is
+/// inside it:
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use tower_after::{after, AfterLayer};
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async {
+///         after(async { tracing::info!("response sent") });
+///         "hello"
+///     }))
+///     .layer(AfterLayer::new());
+/// ```
+///
+/// Clones share their callbacks' bookkeeping: [`AfterLayer::tasks`] on any clone sees them all.
+///
+/// # Ordering
+///
+/// Layers added after `AfterLayer` wrap it. Keep there what must happen *before* the callbacks
+/// see the outcome, and inside it what callbacks should observe:
+/// - a panic-catching layer (tower-http's `CatchPanicLayer`) goes inside, so callbacks see the
+///   `500` it makes rather than a missing response;
+/// - a timeout layer inside makes a timed-out request's callbacks see its `408`/`503`;
+/// - compression inside makes [`Outcome::body_bytes`](crate::Outcome::body_bytes) count the
+///   compressed bytes, outside the uncompressed ones.
+#[derive(Clone)]
+pub struct AfterLayer {
+    shared: Arc<Shared>,
+    max_duration: Duration,
+}
+
+impl AfterLayer {
+    /// The budget of a request's callbacks unless [`AfterLayer::max_duration`] or
+    /// [`MaxDuration`] says otherwise: 60 seconds, counted from the end of the response.
+    pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(60);
+
+    /// A layer with the default budget of [`AfterLayer::DEFAULT_MAX_DURATION`].
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::default(),
+            max_duration: Self::DEFAULT_MAX_DURATION,
+        }
+    }
+
+    /// Sets how long each request's callbacks may run, all together, counted from the moment its
+    /// response finished. What still runs at the deadline is cancelled (dropped at its next
+    /// `.await`), with a warning naming the request.
+    ///
+    /// [`Duration::MAX`] means no limit. A route can override it with [`MaxDuration`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_after::AfterLayer;
+    ///
+    /// let layer = AfterLayer::new().max_duration(Duration::from_secs(10));
+    /// let unbounded = AfterLayer::new().max_duration(Duration::MAX);
+    /// ```
+    #[must_use]
+    pub fn max_duration(mut self, max_duration: Duration) -> Self {
+        self.max_duration = max_duration;
+        self
+    }
+
+    /// A handle on the callbacks of this layer and all its clones, to count them and to drain
+    /// them at shutdown.
+    ///
+    /// ```
+    /// let layer = tower_after::AfterLayer::new();
+    /// let tasks = layer.tasks();
+    /// assert_eq!(tasks.pending(), 0);
+    /// ```
+    #[must_use]
+    pub fn tasks(&self) -> AfterTasks {
+        AfterTasks::new(self.shared.clone())
+    }
+}
+
+impl Default for AfterLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for AfterLayer {
+    type Service = AfterService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AfterService::new(inner, self.shared.clone(), self.max_duration)
+    }
+}
+
+impl fmt::Debug for AfterLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AfterLayer")
+            .field("max_duration", &self.max_duration)
+            .field("tasks", &self.tasks())
+            .finish()
+    }
+}
+
+/// A [`Layer`] that sets the budget of the after-response work of the requests it wraps,
+/// overriding the one of [`AfterLayer`]: the counterpart of Next.js's `maxDuration` route config.
+///
+/// It must sit inside `AfterLayer`; on a single route that is the natural place:
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{routing::get, Router};
+/// use tower_after::{AfterLayer, MaxDuration};
+///
+/// async fn report() -> &'static str { "queued" }
+///
+/// let app: Router = Router::new()
+///     .route("/report", get(report).layer(MaxDuration::new(Duration::from_secs(120))))
+///     .layer(AfterLayer::new().max_duration(Duration::from_secs(10)));
+/// ```
+///
+/// The innermost `MaxDuration` a request passes wins. Outside `AfterLayer` it has no effect.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxDuration {
+    max_duration: Duration,
+}
+
+impl MaxDuration {
+    /// A budget of `max_duration` for each request's callbacks, counted from the end of its
+    /// response; [`Duration::MAX`] means no limit.
+    #[must_use]
+    pub fn new(max_duration: Duration) -> Self {
+        Self { max_duration }
+    }
+}
+
+impl<S> Layer<S> for MaxDuration {
+    type Service = MaxDurationService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MaxDurationService {
+            inner,
+            max_duration: self.max_duration,
+        }
+    }
+}
+
+/// The service made by [`MaxDuration`].
+#[derive(Debug, Clone)]
+pub struct MaxDurationService<S> {
+    inner: S,
+    max_duration: Duration,
+}
+
+impl<S, B> Service<Request<B>> for MaxDurationService<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match request.extensions().get::<After>() {
+            Some(after) => after.scope().set_budget(self.max_duration),
+            None => tracing::debug!("`MaxDuration` has no effect outside `AfterLayer`"),
+        }
+        self.inner.call(request)
+    }
+}

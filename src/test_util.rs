@@ -1,0 +1,189 @@
+//! Helpers for the unit tests: a service that records what its callbacks saw, bodies with
+//! awkward endings, log capture, and polling with a generous deadline.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tower::{service_fn, Layer, Service};
+
+use crate::{After, AfterLayer, Outcome};
+
+/// Outcomes seen by callbacks, in the order they ran.
+#[derive(Clone, Default)]
+pub(crate) struct Seen(Arc<Mutex<Vec<Outcome>>>);
+
+impl Seen {
+    pub(crate) fn record(&self, outcome: Outcome) {
+        self.0.lock().unwrap().push(outcome);
+    }
+
+    pub(crate) fn all(&self) -> Vec<Outcome> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until exactly one outcome was recorded, and returns it.
+    pub(crate) async fn one(&self) -> Outcome {
+        eventually("a callback to run", || !self.all().is_empty()).await;
+        // Give a second run, which would be a bug, a chance to show up.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let all = self.all();
+        assert_eq!(all.len(), 1, "callbacks ran {} times: {all:?}", all.len());
+        all[0]
+    }
+}
+
+/// A service behind `AfterLayer` that registers one callback recording its outcome, then
+/// answers with `respond()`.
+pub(crate) fn recording<B, F>(
+    layer: &AfterLayer,
+    seen: &Seen,
+    respond: F,
+) -> impl Service<Request<()>, Response = Response<crate::AfterBody<B>>, Error = Infallible>
+where
+    B: Body,
+    F: Fn() -> Response<B> + Clone,
+{
+    let seen = seen.clone();
+    layer.layer(service_fn(move |request: Request<()>| {
+        let seen = seen.clone();
+        let respond = respond.clone();
+        async move {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            after.run_with(move |ctx| async move { seen.record(*ctx.outcome()) });
+            Ok::<_, Infallible>(respond())
+        }
+    }))
+}
+
+/// Polls `check` until it holds, failing after a generous deadline.
+pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Lets every ready task run a few times.
+pub(crate) async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A body that yields its chunks, then an error if asked to, then never ends if asked to.
+/// It never claims `is_end_stream()` on its own, but may announce an exact length, like bodies
+/// after which hyper stops polling.
+pub(crate) struct TestBody {
+    chunks: Vec<Bytes>,
+    then: Then,
+    exact: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Then {
+    End,
+    Error,
+    Pending,
+}
+
+impl TestBody {
+    pub(crate) fn new(chunks: &[&'static str], then: Then) -> Self {
+        Self {
+            chunks: chunks.iter().rev().map(|c| Bytes::from_static(c.as_bytes())).collect(),
+            then,
+            exact: None,
+        }
+    }
+
+    pub(crate) fn exact(mut self) -> Self {
+        self.exact = Some(self.chunks.iter().map(|c| c.len() as u64).sum());
+        self
+    }
+}
+
+impl Body for TestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if let Some(chunk) = self.chunks.pop() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match self.then {
+            Then::End => Poll::Ready(None),
+            Then::Error => {
+                self.then = Then::End;
+                Poll::Ready(Some(Err(io::Error::other("broken body"))))
+            }
+            Then::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.exact {
+            Some(exact) => SizeHint::with_exact(exact),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// Captures what `tracing` logs while it is alive, on this thread.
+pub(crate) struct Logs {
+    buffer: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Logs {
+    pub(crate) fn capture() -> Self {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        Self {
+            buffer,
+            _guard: guard,
+        }
+    }
+
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buffer.lock().unwrap()).into_owned()
+    }
+
+    pub(crate) fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
