@@ -12,7 +12,10 @@ tokio::task_local! {
 }
 
 /// Runs `future` with `after` as the current request, for [`After::current`].
-pub(crate) fn scoped<F: Future>(after: After, future: F) -> tokio::task::futures::TaskLocalFuture<After, F> {
+pub(crate) fn scoped<F: Future>(
+    after: After,
+    future: F,
+) -> tokio::task::futures::TaskLocalFuture<After, F> {
     CURRENT.scope(after, future)
 }
 
@@ -253,7 +256,10 @@ mod extract {
     {
         type Rejection = MissingAfterLayer;
 
-        async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        async fn from_request_parts(
+            parts: &mut Parts,
+            _state: &S,
+        ) -> Result<Self, Self::Rejection> {
             parts
                 .extensions
                 .get::<After>()
@@ -321,3 +327,53 @@ mod extract {
 
 #[cfg(feature = "axum")]
 pub use extract::MissingAfterLayer;
+
+#[cfg(all(test, feature = "axum"))]
+mod tests {
+    use axum::body::Body;
+    use axum::routing::get;
+    use axum::Router;
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::After;
+    use crate::AfterLayer;
+
+    async fn call(app: Router) -> (StatusCode, String) {
+        let response = app.oneshot(Request::new(Body::empty())).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_extractor_finds_the_handle_under_the_layer() {
+        let app = Router::new()
+            .route(
+                "/",
+                get(|after: After| async move { after.scope().snapshot.uri().to_string() }),
+            )
+            .layer(AfterLayer::new());
+        assert_eq!(call(app).await, (StatusCode::OK, "/".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn without_the_layer_the_extractor_answers_500_naming_it() {
+        let app = Router::new().route("/", get(|_: After| async { "unreachable" }));
+        let (status, body) = call(app).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.contains("AfterLayer"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn an_optional_handle_is_none_without_the_layer() {
+        let handler = |after: Option<After>| async move { format!("{}", after.is_some()) };
+        let bare = Router::new().route("/", get(handler));
+        assert_eq!(call(bare).await.1, "false");
+        let layered = Router::new()
+            .route("/", get(handler))
+            .layer(AfterLayer::new());
+        assert_eq!(call(layered).await.1, "true");
+    }
+}

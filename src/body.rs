@@ -10,12 +10,12 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
 
 use bytes::Buf;
 use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 
 use crate::scope::Scope;
 use crate::{Completion, Outcome};
@@ -214,7 +214,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_body_ends_with_its_only_frame() {
         let (layer, seen) = (AfterLayer::new(), Seen::default());
-        let service = recording(&layer, &seen, || Response::new(Full::new(bytes::Bytes::from("all at once"))));
+        let service = recording(&layer, &seen, || {
+            Response::new(Full::new(bytes::Bytes::from("all at once")))
+        });
         let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
         body.frame().await.unwrap().unwrap();
         assert_eq!(seen.one().await.completion(), Completion::Complete);
@@ -266,12 +268,13 @@ mod tests {
         for (method, status, empty) in cases {
             let (layer, seen) = (AfterLayer::new(), Seen::default());
             let service = recording(&layer, &seen, move || {
-                let body: http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error> = if empty {
-                    Empty::new().map_err(|never| match never {}).boxed()
-                } else {
-                    // A body the server would not send: never polled.
-                    TestBody::new(&["unsent"], Then::Pending).boxed()
-                };
+                let body: http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error> =
+                    if empty {
+                        Empty::new().map_err(|never| match never {}).boxed()
+                    } else {
+                        // A body the server would not send: never polled.
+                        TestBody::new(&["unsent"], Then::Pending).boxed()
+                    };
                 let mut response = Response::new(body);
                 *response.status_mut() = status;
                 response
@@ -293,7 +296,11 @@ mod tests {
     #[tokio::test]
     async fn an_empty_body_polled_is_complete() {
         let (layer, seen) = (AfterLayer::new(), Seen::default());
-        let service = recording(&layer, &seen, || Response::new(Empty::<bytes::Bytes>::new()));
+        let service = recording(
+            &layer,
+            &seen,
+            || Response::new(Empty::<bytes::Bytes>::new()),
+        );
         let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
         assert!(body.frame().await.is_none());
         assert_eq!(seen.one().await.completion(), Completion::Complete);

@@ -18,7 +18,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pin_project_lite::pin_project;
@@ -367,7 +369,10 @@ impl Future for DriverTask {
                 if scope.shared.shutdown.is_cancelled() {
                     return stop(this.scope, this.running, this.done, Stop::Shutdown);
                 }
-                if this.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                if this
+                    .deadline
+                    .is_some_and(|deadline| Instant::now() >= deadline)
+                {
                     return stop(this.scope, this.running, this.done, Stop::Budget);
                 }
             }
@@ -390,8 +395,7 @@ impl Future for DriverTask {
         }
         if let Some(deadline) = *this.deadline {
             if this.budget.is_none() {
-                this.budget
-                    .set(Some(tokio::time::sleep_until(deadline.into())));
+                this.budget.set(Some(tokio::time::sleep_until(deadline)));
             }
             if let Some(budget) = this.budget.as_mut().as_pin_mut() {
                 if budget.poll(cx).is_ready() {
@@ -488,5 +492,288 @@ impl Future for Running {
                 Poll::Ready(Err(panic))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Empty};
+    use tokio::sync::oneshot;
+    use tower::{service_fn, Layer, Service, ServiceExt};
+
+    use crate::test_util::{eventually, settle, Logs, TestBody, Then};
+    use crate::{After, AfterLayer, AfterTasks, MaxDuration};
+
+    type Body = Empty<bytes::Bytes>;
+
+    /// Serves one request through `layer` with a handler that registers work with `register`,
+    /// and reads the response to its end.
+    async fn serve(layer: &AfterLayer, register: impl FnOnce(After) + Send + 'static) {
+        let register = Mutex::new(Some(register));
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            (register.lock().unwrap().take().unwrap())(after);
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }
+        }));
+        let path = Request::builder().uri("/orders/7").body(()).unwrap();
+        let response = service.oneshot(path).await.unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+
+    async fn drained(tasks: &AfterTasks) {
+        eventually("no pending callbacks", || tasks.pending() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn callbacks_start_in_registration_order_and_run_concurrently() {
+        let layer = AfterLayer::new();
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let (release, released) = oneshot::channel::<()>();
+        let log = started.clone();
+        serve(&layer, move |after| {
+            let first = log.clone();
+            // Waits for the third: run one after the other, this would never end.
+            after.run(async move {
+                first.lock().unwrap().push(1);
+                released.await.unwrap();
+            });
+            let second = log.clone();
+            after.run(async move { second.lock().unwrap().push(2) });
+            let third = log.clone();
+            after.run(async move {
+                third.lock().unwrap().push(3);
+                release.send(()).unwrap();
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(*started.lock().unwrap(), [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_callback_is_logged_and_the_others_still_run() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counter = ran.clone();
+        serve(&layer, move |after| {
+            let before = counter.clone();
+            after.run(async move {
+                before.fetch_add(1, Ordering::SeqCst);
+            });
+            after.run_with(|_| async { panic!("callback bug") });
+            after.run(async { panic!("a second bug") });
+            after.run(async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        let errors = logs.lines_with("after callback panicked");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("ERROR"), "{errors:?}");
+        assert!(errors[0].contains("method=GET"), "{errors:?}");
+        assert!(errors[0].contains("path=\"/orders/7\""), "{errors:?}");
+        assert!(errors[0].contains("callback bug"), "{errors:?}");
+    }
+
+    #[tokio::test]
+    async fn nested_work_runs_later_and_is_tracked() {
+        let layer = AfterLayer::new();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let log = order.clone();
+        serve(&layer, move |after| {
+            after.run(async move {
+                let inner = log.clone();
+                // Both ways of reaching the request work inside a callback.
+                After::current().run(async move { inner.lock().unwrap().push("nested") });
+                let inner = log.clone();
+                crate::after(async move { inner.lock().unwrap().push("nested by after()") });
+                // Not inline: the nested ones have not run yet.
+                log.lock().unwrap().push("outer");
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["outer", "nested", "nested by after()"]
+        );
+    }
+
+    #[tokio::test]
+    async fn work_registered_after_everything_finished_still_runs() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let (late_tx, late_rx) = oneshot::channel::<After>();
+        serve(&layer, move |after| {
+            late_tx.send(after.clone()).unwrap();
+            after.run(async {});
+        })
+        .await;
+        drained(&tasks).await;
+        // The driver has retired; a late registration must start a new one.
+        let after = late_rx.await.unwrap();
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        after.run_with(move |ctx| async move {
+            assert_eq!(ctx.request().uri().path(), "/orders/7");
+            flag.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(tasks.pending(), 1);
+        eventually("the late callback", || ran.load(Ordering::SeqCst)).await;
+        drained(&tasks).await;
+    }
+
+    #[tokio::test]
+    async fn wait_until_starts_at_once_and_run_waits_for_the_response() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let early = Arc::new(AtomicBool::new(false));
+        let late = Arc::new(AtomicBool::new(false));
+        let (early_flag, late_flag) = (early.clone(), late.clone());
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let (early_flag, late_flag) = (early_flag.clone(), late_flag.clone());
+            after.wait_until(async move { early_flag.store(true, Ordering::SeqCst) });
+            after.run(async move { late_flag.store(true, Ordering::SeqCst) });
+            async { Ok::<_, Infallible>(Response::new(TestBody::new(&["a"], Then::End))) }
+        }));
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        eventually("the wait_until future", || early.load(Ordering::SeqCst)).await;
+        settle().await;
+        assert!(
+            !late.load(Ordering::SeqCst),
+            "`run` started before the response ended"
+        );
+        while body.frame().await.is_some() {}
+        eventually("the run callback", || late.load(Ordering::SeqCst)).await;
+        drained(&tasks).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_cancels_what_still_runs_and_says_so() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(5));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let count = finished.clone();
+        serve(&layer, move |after| {
+            let quick = count.clone();
+            after.run(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                quick.fetch_add(1, Ordering::SeqCst);
+            });
+            for _ in 0..2 {
+                let slow = count.clone();
+                after.run(async move {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    slow.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        let warnings = logs.lines_with("max duration ran out");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("WARN") && warnings[0].contains("cancelled=2"));
+        assert!(warnings[0].contains("path=\"/orders/7\""), "{warnings:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_counts_from_the_end_of_the_response_and_covers_wait_until() {
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(10));
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicUsize::new(0));
+        let (in_time, too_long) = (done.clone(), done.clone());
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let (in_time, too_long) = (in_time.clone(), too_long.clone());
+            // 14 s after the start, 9 s after the end of the response: within budget.
+            after.wait_until(async move {
+                tokio::time::sleep(Duration::from_secs(14)).await;
+                in_time.fetch_add(1, Ordering::SeqCst);
+            });
+            // 16 s after the start, 11 s after the end: over budget.
+            after.wait_until(async move {
+                tokio::time::sleep(Duration::from_secs(16)).await;
+                too_long.fetch_add(10, Ordering::SeqCst);
+            });
+            async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, Infallible>(Response::new(Body::new()))
+            }
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        drained(&tasks).await;
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_budget_overrides_the_layer_and_max_means_unbounded() {
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let route =
+            MaxDuration::new(Duration::MAX).layer(service_fn(move |request: Request<()>| {
+                let after = request.extensions().get::<After>().unwrap().clone();
+                let flag = flag.clone();
+                after.run(async move {
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    flag.store(true, Ordering::SeqCst);
+                });
+                async { Ok::<_, Infallible>(Response::new(Body::new())) }
+            }));
+        let mut service = layer.layer(route);
+        let response = service.ready().await.unwrap().call(Request::new(())).await;
+        response.unwrap().into_body().collect().await.unwrap();
+        drained(&tasks).await;
+        assert!(
+            done.load(Ordering::SeqCst),
+            "an unbounded callback was cancelled"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_registered_after_the_deadline_never_starts() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        let (tx, rx) = oneshot::channel::<After>();
+        serve(&layer, move |after| tx.send(after).unwrap()).await;
+        let after = rx.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        after.run(async move { flag.store(true, Ordering::SeqCst) });
+        drained(&tasks).await;
+        assert!(!started.load(Ordering::SeqCst));
+        assert_eq!(logs.lines_with("cancelled=1").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn callbacks_log_inside_the_span_where_they_were_registered() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let service = layer.layer(service_fn(|request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let span = tracing::info_span!("request", id = 42);
+            span.in_scope(|| after.run(async { tracing::info!("audit written") }));
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }
+        }));
+        drop(service.oneshot(Request::new(())).await.unwrap());
+        drained(&layer.tasks()).await;
+        let lines = logs.lines_with("audit written");
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("request{id=42}:after"), "{lines:?}");
     }
 }

@@ -138,3 +138,126 @@ impl<S: std::fmt::Debug> std::fmt::Debug for AfterService<S> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::pending;
+    use std::io;
+
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Empty;
+    use tower::{service_fn, Layer, ServiceExt};
+
+    use crate::test_util::{settle, Seen};
+    use crate::{after, After, AfterLayer, Completion};
+
+    type Body = Empty<bytes::Bytes>;
+
+    fn record_current(seen: &Seen) {
+        let seen = seen.clone();
+        After::current().run_with(move |ctx| async move { seen.record(*ctx.outcome()) });
+    }
+
+    #[tokio::test]
+    async fn an_inner_error_fails_the_request() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let recorder = seen.clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            record_current(&recorder);
+            async { Err::<Response<Body>, _>(io::Error::other("backend down")) }
+        }));
+        let error = service.oneshot(Request::new(())).await.unwrap_err();
+        assert_eq!(error.to_string(), "backend down");
+        let outcome = seen.one().await;
+        assert_eq!(outcome.completion(), Completion::Failed);
+        assert_eq!(outcome.status(), None);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_fails_the_request_and_still_panics() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let recorder = seen.clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let recorder = recorder.clone();
+            async move {
+                record_current(&recorder);
+                if recorder.all().is_empty() {
+                    panic!("handler bug");
+                }
+                Ok::<Response<Body>, Infallible>(Response::new(Empty::new()))
+            }
+        }));
+        let joined = tokio::spawn(service.oneshot(Request::new(()))).await;
+        assert!(
+            joined.unwrap_err().is_panic(),
+            "the panic must reach the server"
+        );
+        let outcome = seen.one().await;
+        assert_eq!(outcome.completion(), Completion::Failed);
+        assert_eq!(outcome.status(), None);
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_before_its_response_is_aborted() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let recorder = seen.clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let recorder = recorder.clone();
+            async move {
+                record_current(&recorder);
+                pending::<Result<Response<Body>, Infallible>>().await
+            }
+        }));
+        let mut future = Box::pin(service.oneshot(Request::new(())));
+        assert!(futures_util::poll!(future.as_mut()).is_pending());
+        settle().await;
+        assert!(
+            seen.all().is_empty(),
+            "ran while the handler was still working"
+        );
+        drop(future);
+        let outcome = seen.one().await;
+        assert_eq!(outcome.completion(), Completion::Aborted);
+        assert_eq!(outcome.status(), None);
+    }
+
+    #[tokio::test]
+    async fn the_handle_reaches_extensions_call_and_the_handler_task() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let recorder = seen.clone();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            // In `call` itself, as synchronous middleware would.
+            record_current(&recorder);
+            assert!(request.extensions().get::<After>().is_some());
+            let recorder = recorder.clone();
+            async move {
+                deep_in_the_call_tree(&recorder).await;
+                Ok::<_, Infallible>(Response::new(Body::new()))
+            }
+        }));
+        drop(service.oneshot(Request::new(())).await.unwrap());
+        crate::test_util::eventually("both callbacks", || seen.all().len() == 2).await;
+        assert!(After::try_current().is_none());
+    }
+
+    async fn deep_in_the_call_tree(seen: &Seen) {
+        tokio::task::yield_now().await;
+        let seen = seen.clone();
+        after(async move {
+            let ctx_free = crate::Outcome {
+                status: Some(StatusCode::IM_A_TEAPOT),
+                completion: Completion::Complete,
+                body_bytes: 0,
+                elapsed: std::time::Duration::ZERO,
+            };
+            seen.record(ctx_free);
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "AfterLayer")]
+    fn current_outside_a_request_names_the_layer() {
+        let _ = After::current();
+    }
+}

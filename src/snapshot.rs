@@ -181,8 +181,14 @@ mod tests {
     fn debug_redacts_credentials() {
         let mut request = Request::new(());
         let headers = request.headers_mut();
-        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer secret-token"));
-        headers.insert(COOKIE, HeaderValue::from_static("session-id=secret-session"));
+        headers.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret-token"),
+        );
+        headers.insert(
+            COOKIE,
+            HeaderValue::from_static("session-id=secret-session"),
+        );
         headers.insert("x-trace", HeaderValue::from_static("visible"));
         let text = format!("{:?}", RequestSnapshot::new(&request));
         assert!(!text.contains("secret"), "{text}");

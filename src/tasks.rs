@@ -220,3 +220,96 @@ impl ShutdownReport {
         self.cancelled
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Empty};
+    use tower::{service_fn, Layer, ServiceExt};
+
+    use crate::test_util::Logs;
+    use crate::{After, AfterLayer};
+
+    /// Serves `count` requests whose callbacks each sleep for `sleep`, then, once all of them
+    /// ended, register one more nested callback of the same length.
+    async fn serve_sleepers(
+        layer: &AfterLayer,
+        count: usize,
+        sleep: Duration,
+        done: &Arc<AtomicUsize>,
+    ) {
+        for _ in 0..count {
+            let done = done.clone();
+            let service = layer.layer(service_fn(move |request: Request<()>| {
+                let after = request.extensions().get::<After>().unwrap().clone();
+                let done = done.clone();
+                after.run(async move {
+                    tokio::time::sleep(sleep).await;
+                    let nested = done.clone();
+                    After::current().run(async move {
+                        tokio::time::sleep(sleep).await;
+                        nested.fetch_add(1, Ordering::SeqCst);
+                    });
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+                async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
+            }));
+            let response = service.oneshot(Request::new(())).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_everything_including_work_added_meanwhile() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicUsize::new(0));
+        serve_sleepers(&layer, 3, Duration::from_secs(2), &done).await;
+        assert_eq!(tasks.pending(), 3);
+
+        let report = tasks.shutdown(Duration::from_secs(30)).await;
+        assert_eq!(done.load(Ordering::SeqCst), 6);
+        assert_eq!((report.completed(), report.cancelled()), (6, 0));
+        assert_eq!(tasks.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_cancels_what_outlives_the_grace_period() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicUsize::new(0));
+        serve_sleepers(&layer, 4, Duration::from_secs(10), &done).await;
+
+        let report = tasks.shutdown(Duration::from_secs(1)).await;
+        assert_eq!((report.completed(), report.cancelled()), (0, 4));
+        assert_eq!(tasks.pending(), 0);
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        let per_request = logs.lines_with("shutdown grace period ran out");
+        assert_eq!(per_request.len(), 4, "{per_request:?}");
+        assert!(per_request
+            .iter()
+            .all(|line| line.contains("WARN") && line.contains("cancelled=1")));
+        let summary = logs.lines_with("after callbacks drained");
+        assert_eq!(summary.len(), 1);
+        assert!(summary[0].contains("cancelled=4"), "{summary:?}");
+
+        // Past the deadline, new work is cancelled at once rather than left to the exiting process.
+        serve_sleepers(&layer, 1, Duration::from_secs(1), &done).await;
+        assert_eq!(tasks.shutdown(Duration::from_secs(1)).await.cancelled(), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_with_nothing_pending_returns_at_once() {
+        let report = AfterLayer::new()
+            .tasks()
+            .shutdown(Duration::from_secs(3600))
+            .await;
+        assert_eq!((report.completed(), report.cancelled()), (0, 0));
+    }
+}

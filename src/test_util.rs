@@ -68,7 +68,10 @@ where
 pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -99,7 +102,11 @@ pub(crate) enum Then {
 impl TestBody {
     pub(crate) fn new(chunks: &[&'static str], then: Then) -> Self {
         Self {
-            chunks: chunks.iter().rev().map(|c| Bytes::from_static(c.as_bytes())).collect(),
+            chunks: chunks
+                .iter()
+                .rev()
+                .map(|c| Bytes::from_static(c.as_bytes()))
+                .collect(),
             then,
             exact: None,
         }
