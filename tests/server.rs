@@ -1,0 +1,261 @@
+//! The core rules, checked against a real axum server on 127.0.0.1 and a real HTTP client.
+#![cfg(feature = "axum")]
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+use tower_after::{After, AfterLayer, AfterTasks, Completion};
+
+use support::{fetch, serve, within, Journal, Seen};
+
+/// Sets a flag when dropped: shows that the server freed a response body.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct Probes {
+    journal: Journal,
+    /// Released by the test to let the `/gated` callback finish.
+    gate: Arc<Semaphore>,
+    /// Notified when `/stuck` has started handling its request.
+    stuck_started: Arc<Notify>,
+    /// Set when the `/stream` body is dropped.
+    stream_dropped: Arc<AtomicBool>,
+}
+
+impl Default for Probes {
+    fn default() -> Self {
+        Self {
+            journal: Journal::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            stuck_started: Arc::default(),
+            stream_dropped: Arc::default(),
+        }
+    }
+}
+
+fn record(after: &After, journal: &Journal) {
+    let journal = journal.clone();
+    after.run_with(move |ctx| async move { journal.push(Seen::from_context(&ctx)) });
+}
+
+fn app(probes: &Probes) -> (Router, AfterTasks) {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let p = probes.clone();
+    let router = Router::new()
+        .route(
+            "/hello",
+            get(|after: After| async move {
+                record(&after, &p.journal);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                "hello"
+            }),
+        )
+        .route("/empty", {
+            let p = probes.clone();
+            get(|after: After| async move {
+                record(&after, &p.journal);
+                StatusCode::NO_CONTENT
+            })
+        })
+        .route("/gated", {
+            let p = probes.clone();
+            get(|after: After| async move {
+                record(&after, &p.journal);
+                let gate = p.gate.clone();
+                after.run(async move { drop(gate.acquire().await.unwrap()) });
+                "gated"
+            })
+        })
+        .route("/stuck", {
+            let p = probes.clone();
+            get(|after: After| async move {
+                record(&after, &p.journal);
+                p.stuck_started.notify_one();
+                std::future::pending::<&'static str>().await
+            })
+        })
+        .route("/stream", {
+            let p = probes.clone();
+            get(|after: After| async move {
+                record(&after, &p.journal);
+                let flag = DropFlag(p.stream_dropped.clone());
+                let ticks = futures_util::stream::unfold(flag, |flag| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Some((Ok::<_, Infallible>(Bytes::from_static(b"tick\n")), flag))
+                });
+                Body::from_stream(ticks)
+            })
+        })
+        .layer(layer);
+    (router, tasks)
+}
+
+async fn idle(tasks: &AfterTasks) {
+    support::eventually("no pending callbacks", || tasks.pending() == 0).await;
+}
+
+#[tokio::test]
+async fn a_callback_runs_once_after_a_complete_response() {
+    let probes = Probes::default();
+    let (app, tasks) = app(&probes);
+    let address = serve(app).await;
+
+    let (status, body) = fetch(address, "GET", "/hello").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+    let seen = probes.journal.wait_for("/hello", 1).await;
+    assert_eq!(seen[0].completion, Completion::Complete);
+    assert_eq!((seen[0].status, seen[0].body_bytes), (Some(200), 5));
+    idle(&tasks).await;
+}
+
+#[tokio::test]
+async fn head_and_204_responses_are_complete() {
+    let probes = Probes::default();
+    let (app, _tasks) = app(&probes);
+    let address = serve(app).await;
+
+    let (status, body) = fetch(address, "HEAD", "/hello").await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 0));
+    let (status, _) = fetch(address, "GET", "/empty").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let head = probes.journal.wait_for("/hello", 1).await;
+    assert_eq!((head[0].status, head[0].completion), (Some(200), Completion::Complete));
+    let empty = probes.journal.wait_for("/empty", 1).await;
+    assert_eq!((empty[0].status, empty[0].completion), (Some(204), Completion::Complete));
+}
+
+#[tokio::test]
+async fn a_slow_callback_delays_neither_its_response_nor_the_next_on_the_connection() {
+    let probes = Probes::default();
+    let (app, tasks) = app(&probes);
+    let address = serve(app).await;
+
+    let stream = TcpStream::connect(address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for path in ["/gated", "/hello"] {
+        let request = http::Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::new())
+            .unwrap();
+        let response = within(path, sender.send_request(request)).await.unwrap();
+        within(path, response.into_body().collect()).await.unwrap();
+    }
+    // Both responses went out over one connection while `/gated`'s callback was blocked.
+    probes.journal.wait_for("/hello", 1).await;
+    assert_eq!(tasks.pending(), 1);
+    probes.gate.add_permits(1);
+    idle(&tasks).await;
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_stream_aborts_and_frees_the_body() {
+    let probes = Probes::default();
+    let (app, tasks) = app(&probes);
+    let address = serve(app).await;
+
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    while !String::from_utf8_lossy(&received).contains("tick") {
+        let mut buffer = [0; 1024];
+        let read = within("the first tick", stream.read(&mut buffer)).await.unwrap();
+        assert!(read > 0, "the server closed the stream");
+        received.extend_from_slice(&buffer[..read]);
+    }
+    drop(stream);
+
+    let seen = probes.journal.wait_for("/stream", 1).await;
+    assert_eq!((seen[0].status, seen[0].completion), (Some(200), Completion::Aborted));
+    assert!(seen[0].body_bytes >= 5);
+    assert!(probes.stream_dropped.load(Ordering::SeqCst), "the body outlived the connection");
+    idle(&tasks).await;
+}
+
+#[tokio::test]
+async fn a_client_leaving_before_the_response_aborts_the_request() {
+    let probes = Probes::default();
+    let (app, tasks) = app(&probes);
+    let address = serve(app).await;
+
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let started = probes.stuck_started.notified();
+    stream
+        .write_all(b"GET /stuck HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    within("the handler to start", started).await;
+    drop(stream);
+
+    let seen = probes.journal.wait_for("/stuck", 1).await;
+    assert_eq!((seen[0].status, seen[0].completion), (None, Completion::Aborted));
+    idle(&tasks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_each_see_only_their_own_cookies() {
+    const REQUESTS: usize = 1_000;
+    let probes = Probes::default();
+    let (app, tasks) = app(&probes);
+    let address = serve(app).await;
+    let client = support::client();
+
+    let mut requests = tokio::task::JoinSet::new();
+    for id in 0..REQUESTS {
+        let client = client.clone();
+        requests.spawn(async move {
+            let request = http::Request::get(format!("http://{address}/hello"))
+                .header("x-id", id.to_string())
+                .header("cookie", format!("theme=dark; session-id=s{id}"))
+                .header("cookie", "tracking=1")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().collect().await.unwrap();
+        });
+    }
+    within("all responses", async {
+        while let Some(joined) = requests.join_next().await {
+            joined.unwrap();
+        }
+    })
+    .await;
+
+    let mut seen = probes.journal.wait_for("/hello", REQUESTS).await;
+    seen.sort_by_key(|seen| seen.id.as_deref().unwrap().parse::<usize>().unwrap());
+    for (id, seen) in seen.iter().enumerate() {
+        assert_eq!(seen.id.as_deref(), Some(&*id.to_string()), "each request ran once");
+        assert_eq!(seen.session.as_deref(), Some(&*format!("s{id}")));
+        assert_eq!(seen.completion, Completion::Complete);
+    }
+    idle(&tasks).await;
+}
