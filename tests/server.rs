@@ -141,9 +141,15 @@ async fn head_and_204_responses_are_complete() {
     assert_eq!(status, StatusCode::NO_CONTENT);
 
     let head = probes.journal.wait_for("/hello", 1).await;
-    assert_eq!((head[0].status, head[0].completion), (Some(200), Completion::Complete));
+    assert_eq!(
+        (head[0].status, head[0].completion),
+        (Some(200), Completion::Complete)
+    );
     let empty = probes.journal.wait_for("/empty", 1).await;
-    assert_eq!((empty[0].status, empty[0].completion), (Some(204), Completion::Complete));
+    assert_eq!(
+        (empty[0].status, empty[0].completion),
+        (Some(204), Completion::Complete)
+    );
 }
 
 #[tokio::test]
@@ -187,16 +193,24 @@ async fn a_client_leaving_mid_stream_aborts_and_frees_the_body() {
     let mut received = Vec::new();
     while !String::from_utf8_lossy(&received).contains("tick") {
         let mut buffer = [0; 1024];
-        let read = within("the first tick", stream.read(&mut buffer)).await.unwrap();
+        let read = within("the first tick", stream.read(&mut buffer))
+            .await
+            .unwrap();
         assert!(read > 0, "the server closed the stream");
         received.extend_from_slice(&buffer[..read]);
     }
     drop(stream);
 
     let seen = probes.journal.wait_for("/stream", 1).await;
-    assert_eq!((seen[0].status, seen[0].completion), (Some(200), Completion::Aborted));
+    assert_eq!(
+        (seen[0].status, seen[0].completion),
+        (Some(200), Completion::Aborted)
+    );
     assert!(seen[0].body_bytes >= 5);
-    assert!(probes.stream_dropped.load(Ordering::SeqCst), "the body outlived the connection");
+    assert!(
+        probes.stream_dropped.load(Ordering::SeqCst),
+        "the body outlived the connection"
+    );
     idle(&tasks).await;
 }
 
@@ -216,7 +230,10 @@ async fn a_client_leaving_before_the_response_aborts_the_request() {
     drop(stream);
 
     let seen = probes.journal.wait_for("/stuck", 1).await;
-    assert_eq!((seen[0].status, seen[0].completion), (None, Completion::Aborted));
+    assert_eq!(
+        (seen[0].status, seen[0].completion),
+        (None, Completion::Aborted)
+    );
     idle(&tasks).await;
 }
 
@@ -253,7 +270,11 @@ async fn a_thousand_concurrent_requests_each_see_only_their_own_cookies() {
     let mut seen = probes.journal.wait_for("/hello", REQUESTS).await;
     seen.sort_by_key(|seen| seen.id.as_deref().unwrap().parse::<usize>().unwrap());
     for (id, seen) in seen.iter().enumerate() {
-        assert_eq!(seen.id.as_deref(), Some(&*id.to_string()), "each request ran once");
+        assert_eq!(
+            seen.id.as_deref(),
+            Some(&*id.to_string()),
+            "each request ran once"
+        );
         assert_eq!(seen.session.as_deref(), Some(&*format!("s{id}")));
         assert_eq!(seen.completion, Completion::Complete);
     }

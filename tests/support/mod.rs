@@ -36,7 +36,10 @@ pub async fn fetch(address: SocketAddr, method: &str, path: &str) -> (http::Stat
         .unwrap();
     let response = client().request(request).await.unwrap();
     let status = response.status();
-    (status, response.into_body().collect().await.unwrap().to_bytes())
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 /// What one callback saw.
@@ -85,7 +88,10 @@ impl Journal {
     }
 
     pub fn for_path(&self, path: &str) -> Vec<Seen> {
-        self.all().into_iter().filter(|seen| seen.path == path).collect()
+        self.all()
+            .into_iter()
+            .filter(|seen| seen.path == path)
+            .collect()
     }
 
     /// Waits until `path` has `count` entries, gives extra runs a moment to show up, and
@@ -106,7 +112,10 @@ impl Journal {
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
