@@ -1,10 +1,11 @@
 //! [`After`]: the handle a handler uses to schedule work for after its response.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::scope::{Job, Scope, Start};
+use crate::scope::{BoxFuture, Job, Scope, Start, Work};
 use crate::AfterContext;
 
 tokio::task_local! {
@@ -156,8 +157,7 @@ impl After {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.scope
-            .register(Job::future(Box::pin(future)), Start::AfterResponse);
+        self.register(Work::Future(Box::pin(future)), Start::AfterResponse);
     }
 
     /// Calls `callback` once the response has finished, with an [`AfterContext`] that tells
@@ -176,11 +176,73 @@ impl After {
         C: FnOnce(AfterContext) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let callback = Box::new(move |ctx: AfterContext| -> crate::scope::BoxFuture {
-            Box::pin(callback(ctx))
-        });
-        self.scope
-            .register(Job::with_context(callback), Start::AfterResponse);
+        self.register(Work::WithContext(boxed(callback)), Start::AfterResponse);
+    }
+
+    /// Like [`After::run_with`], under a name: registering the same name again in the same
+    /// request replaces the earlier callback if it has not started yet, so the last registration
+    /// wins (like Laravel's `defer()->name()`). [`After::forget`] removes it.
+    ///
+    /// Names are per request. Once the response has finished and a named callback has started,
+    /// a new registration under its name no longer replaces it: both run.
+    ///
+    /// ```
+    /// # async fn example(after: tower_after::After) {
+    /// // Called from several places while handling the request; the cache is warmed once,
+    /// // with the last settings.
+    /// after.run_named("warm-cache", |_ctx| async { /* first version */ });
+    /// after.run_named("warm-cache", |_ctx| async { /* this one runs */ });
+    /// # }
+    /// ```
+    pub fn run_named<C, F>(&self, name: impl Into<Cow<'static, str>>, callback: C)
+    where
+        C: FnOnce(AfterContext) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let job = Job::new(Work::WithContext(boxed(callback))).named(name.into());
+        self.scope.register(job, Start::AfterResponse);
+    }
+
+    /// Removes the named callback registered with [`After::run_named`], if it has not started
+    /// yet, and says whether there was one.
+    ///
+    /// ```
+    /// # async fn example(after: tower_after::After) {
+    /// after.run_named("notify", |_ctx| async { /* send an e-mail */ });
+    /// // The request was rolled back: nothing to notify about.
+    /// assert!(after.forget("notify"));
+    /// assert!(!after.forget("notify"));
+    /// # }
+    /// ```
+    pub fn forget(&self, name: &str) -> bool {
+        self.scope.forget(name)
+    }
+
+    /// Calls `callback` once the response has finished, on Tokio's blocking thread pool, for
+    /// work that is synchronous or CPU-bound: a blocking database client, image resizing,
+    /// compression. It does not stall the async worker threads.
+    ///
+    /// It follows the same rules as [`After::run_with`] (runs once, counts under the
+    /// concurrency limit, belongs to the request's budget and to the shutdown drain), with one
+    /// limit: a blocking closure cannot be interrupted. One that has not started when its
+    /// budget or the shutdown grace runs out never starts; one that has started runs to its end
+    /// on the blocking pool (keeping its place under the concurrency limit), even though the
+    /// request stops waiting for it and counts it as timed out or cancelled. The runtime waits
+    /// for such closures when it shuts down, unless it is shut down with a timeout.
+    ///
+    /// ```
+    /// # async fn example(after: tower_after::After) {
+    /// after.run_blocking(|ctx| {
+    ///     let path = ctx.request().uri().path().to_owned();
+    ///     std::fs::write("/tmp/last-request", path).ok();
+    /// });
+    /// # }
+    /// ```
+    pub fn run_blocking<C>(&self, callback: C)
+    where
+        C: FnOnce(AfterContext) + Send + 'static,
+    {
+        self.register(Work::Blocking(Box::new(callback)), Start::AfterResponse);
     }
 
     /// Starts `future` now, in the background, and keeps it under the request's budget and the
@@ -200,9 +262,20 @@ impl After {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.scope
-            .register(Job::future(Box::pin(future)), Start::Now);
+        self.register(Work::Future(Box::pin(future)), Start::Now);
     }
+
+    fn register(&self, work: Work, start: Start) {
+        self.scope.register(Job::new(work), start);
+    }
+}
+
+fn boxed<C, F>(callback: C) -> Box<dyn FnOnce(AfterContext) -> BoxFuture + Send>
+where
+    C: FnOnce(AfterContext) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    Box::new(move |ctx| -> BoxFuture { Box::pin(callback(ctx)) })
 }
 
 /// Runs `future` after the current request's response has been sent: shorthand for

@@ -10,6 +10,9 @@ use http::Request;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use tokio::sync::Semaphore;
+
+use crate::scope::Config;
 use crate::tasks::Shared;
 use crate::{After, AfterService, AfterTasks};
 
@@ -45,7 +48,7 @@ use crate::{After, AfterService, AfterTasks};
 #[derive(Clone)]
 pub struct AfterLayer {
     shared: Arc<Shared>,
-    max_duration: Duration,
+    config: Config,
 }
 
 impl AfterLayer {
@@ -58,7 +61,10 @@ impl AfterLayer {
     pub fn new() -> Self {
         Self {
             shared: Arc::default(),
-            max_duration: Self::DEFAULT_MAX_DURATION,
+            config: Config {
+                max_duration: Self::DEFAULT_MAX_DURATION,
+                limit: None,
+            },
         }
     }
 
@@ -77,7 +83,35 @@ impl AfterLayer {
     /// ```
     #[must_use]
     pub fn max_duration(mut self, max_duration: Duration) -> Self {
-        self.max_duration = max_duration;
+        self.config.max_duration = max_duration;
+        self
+    }
+
+    /// Lets at most `limit` callbacks run at once, across all requests of this layer and of the
+    /// clones made from it afterwards. Without it, nothing waits.
+    ///
+    /// Callbacks beyond the limit wait in the order they were registered. A waiting callback is
+    /// pending and counted as queued in [`AfterTasks::stats`]; it still belongs to its request's
+    /// budget (cancelled, without running, if that runs out first) and to the shutdown drain.
+    /// `wait_until` futures count too, once they start.
+    ///
+    /// Use it to bound the memory and the downstream load of bursts of slow callbacks.
+    ///
+    /// ```
+    /// let layer = tower_after::AfterLayer::new().concurrency_limit(64);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is 0 (nothing could ever run) or larger than Tokio's semaphore allows.
+    #[must_use]
+    #[track_caller]
+    pub fn concurrency_limit(mut self, limit: usize) -> Self {
+        assert!(
+            limit > 0,
+            "`AfterLayer::concurrency_limit(0)` would never run a callback: give at least 1"
+        );
+        self.config.limit = Some(Arc::new(Semaphore::new(limit)));
         self
     }
 
@@ -105,14 +139,18 @@ impl<S> Layer<S> for AfterLayer {
     type Service = AfterService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AfterService::new(inner, self.shared.clone(), self.max_duration)
+        AfterService::new(inner, self.shared.clone(), self.config.clone())
     }
 }
 
 impl fmt::Debug for AfterLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AfterLayer")
-            .field("max_duration", &self.max_duration)
+            .field("max_duration", &self.config.max_duration)
+            .field(
+                "concurrency_limit",
+                &self.config.limit.as_ref().map(|_| "set"),
+            )
             .field("tasks", &self.tasks())
             .finish()
     }

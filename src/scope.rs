@@ -12,6 +12,7 @@
 //! response's `poll` or `Drop`: finishing a response only moves callbacks to the driver.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::future::Future;
 use std::mem;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -20,26 +21,36 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio::time::Sleep;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::Span;
 
-use crate::tasks::{Ended, Shared};
+use crate::tasks::{Ended, Gauge, Shared};
 use crate::{After, AfterContext, Outcome, RequestSnapshot};
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-type BoxCallback = Box<dyn FnOnce(AfterContext) -> BoxFuture + Send>;
+pub(crate) type BoxCallback = Box<dyn FnOnce(AfterContext) -> BoxFuture + Send>;
+pub(crate) type BoxBlocking = Box<dyn FnOnce(AfterContext) + Send>;
+type BoxAcquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// What a layer decides for each of its requests.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) max_duration: Duration,
+    pub(crate) limit: Option<Arc<Semaphore>>,
+}
 
 /// One request, from the moment it entered the layer until its last callback ended.
 pub(crate) struct Scope {
     pub(crate) snapshot: RequestSnapshot,
     pub(crate) entered: Instant,
     pub(crate) shared: Arc<Shared>,
+    limit: Option<Arc<Semaphore>>,
     state: Mutex<State>,
 }
 
@@ -48,11 +59,11 @@ struct State {
     budget: Duration,
     /// Set once, when the response finished.
     finished: Option<Finished>,
-    /// Before the response finished: `run` and `run_with` callbacks waiting for it.
+    /// Before the response finished: callbacks waiting for it.
     /// After: anything registered, waiting for the driver to pick it up.
     queue: Vec<Job>,
     /// `wait_until` futures registered before the response finished: they start at once.
-    early: Vec<Task>,
+    early: Vec<(BoxFuture, Span)>,
     driver: Driver,
 }
 
@@ -73,17 +84,13 @@ enum Driver {
 pub(crate) struct Job {
     work: Work,
     span: Span,
+    name: Option<Cow<'static, str>>,
 }
 
-enum Work {
+pub(crate) enum Work {
     Future(BoxFuture),
     WithContext(BoxCallback),
-}
-
-/// A future that starts now, without a context.
-pub(crate) struct Task {
-    future: BoxFuture,
-    span: Span,
+    Blocking(BoxBlocking),
 }
 
 /// When registered work may start.
@@ -96,18 +103,17 @@ pub(crate) enum Start {
 }
 
 impl Job {
-    pub(crate) fn future(future: BoxFuture) -> Self {
+    pub(crate) fn new(work: Work) -> Self {
         Self {
-            work: Work::Future(future),
+            work,
             span: callback_span(),
+            name: None,
         }
     }
 
-    pub(crate) fn with_context(callback: BoxCallback) -> Self {
-        Self {
-            work: Work::WithContext(callback),
-            span: callback_span(),
-        }
+    pub(crate) fn named(mut self, name: Cow<'static, str>) -> Self {
+        self.name = Some(name);
+        self
     }
 }
 
@@ -123,14 +129,26 @@ fn callback_span() -> Span {
     }
 }
 
+impl State {
+    /// Removes the queued job called `name`, if there is one.
+    fn take_named(&mut self, name: &str) -> Option<Job> {
+        let position = self
+            .queue
+            .iter()
+            .position(|job| job.name.as_deref() == Some(name))?;
+        Some(self.queue.remove(position))
+    }
+}
+
 impl Scope {
-    pub(crate) fn new(snapshot: RequestSnapshot, shared: Arc<Shared>, budget: Duration) -> Self {
+    pub(crate) fn new(snapshot: RequestSnapshot, shared: Arc<Shared>, config: &Config) -> Self {
         Self {
             snapshot,
             entered: Instant::now(),
             shared,
+            limit: config.limit.clone(),
             state: Mutex::new(State {
-                budget,
+                budget: config.max_duration,
                 finished: None,
                 queue: Vec::new(),
                 early: Vec::new(),
@@ -155,24 +173,42 @@ impl Scope {
     pub(crate) fn register(self: &Arc<Self>, job: Job, start: Start) {
         self.shared.registered();
         let mut state = self.state();
-        match (&state.finished, start, job.work) {
-            (None, Start::Now, Work::Future(future)) => state.early.push(Task {
-                future,
-                span: job.span,
-            }),
-            (None, _, work) => {
-                state.queue.push(Job {
-                    work,
-                    span: job.span,
-                });
-                return;
+        let replaced = job.name.as_deref().and_then(|name| state.take_named(name));
+        let wake = match (state.finished.is_some(), start, job) {
+            (
+                false,
+                Start::Now,
+                Job {
+                    work: Work::Future(future),
+                    span,
+                    ..
+                },
+            ) => {
+                state.early.push((future, span));
+                true
             }
-            (Some(_), _, work) => state.queue.push(Job {
-                work,
-                span: job.span,
-            }),
+            (finished, _, job) => {
+                state.queue.push(job);
+                finished
+            }
+        };
+        if wake {
+            self.wake_driver(state);
+        } else {
+            drop(state);
         }
-        self.wake_driver(state);
+        // Dropped outside the lock: its `Drop` may register more work.
+        if replaced.is_some() {
+            self.shared.ended(Ended::Forgotten, 1);
+        }
+    }
+
+    pub(crate) fn forget(&self, name: &str) -> bool {
+        let forgotten = self.state().take_named(name);
+        if forgotten.is_some() {
+            self.shared.ended(Ended::Forgotten, 1);
+        }
+        forgotten.is_some()
     }
 
     /// Marks the response as finished and hands its callbacks to a driver. Called exactly once,
@@ -216,7 +252,7 @@ impl Scope {
                     .spawn_on(crate::after::scoped(after, driver), &runtime);
             }
             Err(_) => {
-                let count = cancel(self, &mut FuturesUnordered::new());
+                let count = cancel(self, &mut FuturesUnordered::new(), Ended::Cancelled);
                 tracing::error!(
                     method = %self.snapshot.method(),
                     path = self.snapshot.uri().path(),
@@ -237,7 +273,8 @@ impl Scope {
             Some(finished) => Some((finished, mem::take(&mut state.queue))),
             None => None,
         };
-        let nothing_new = early.is_empty() && finished.as_ref().is_none_or(|(_, q)| q.is_empty());
+        let nothing_new =
+            early.is_empty() && finished.as_ref().is_none_or(|(_, jobs)| jobs.is_empty());
         if idle && nothing_new {
             state.driver = Driver::Absent;
             return None;
@@ -250,7 +287,7 @@ impl Scope {
     }
 
     /// Takes everything not yet handed to a driver, and lets the next work spawn a new driver.
-    fn abandon(&self) -> (Vec<Task>, Vec<Job>) {
+    fn abandon(&self) -> (Vec<(BoxFuture, Span)>, Vec<Job>) {
         let mut state = self.state();
         state.driver = Driver::Absent;
         let early = mem::take(&mut state.early);
@@ -265,7 +302,7 @@ impl Scope {
 
 struct Intake {
     /// `wait_until` futures from before the response finished.
-    early: Vec<Task>,
+    early: Vec<(BoxFuture, Span)>,
     /// Once the response finished: how, and the work to start now.
     finished: Option<(Finished, Vec<Job>)>,
 }
@@ -292,10 +329,10 @@ pin_project! {
 
     impl PinnedDrop for DriverTask {
         fn drop(this: Pin<&mut Self>) {
-            // Dropped before its work was done: the runtime is shutting down, or there was none.
+            // Dropped before its work was done: the runtime is shutting down.
             let this = this.project();
             if !*this.done {
-                let count = cancel(this.scope, this.running);
+                let count = cancel(this.scope, this.running, Ended::Cancelled);
                 if count > 0 {
                     tracing::warn!(
                         method = %this.scope.snapshot.method(),
@@ -324,13 +361,13 @@ impl DriverTask {
 }
 
 /// Drops every callback of the request that has not ended, and counts them.
-fn cancel(scope: &Arc<Scope>, running: &mut FuturesUnordered<Running>) -> usize {
+fn cancel(scope: &Arc<Scope>, running: &mut FuturesUnordered<Running>, how: Ended) -> usize {
     let (early, queue) = scope.abandon();
     let count = running.len() + early.len() + queue.len();
     // Dropped outside the lock: a callback's `Drop` may register more work.
     running.clear();
     drop((early, queue));
-    scope.shared.ended(Ended::Cancelled, count);
+    scope.shared.ended(how, count);
     count
 }
 
@@ -346,22 +383,21 @@ impl Future for DriverTask {
                 return Poll::Ready(());
             };
             let mut arrived = !intake.early.is_empty();
-            for task in intake.early {
+            for (future, span) in intake.early {
                 this.running
-                    .push(Running::new(Stage::Run(task.future), task.span));
+                    .push(Running::new(scope, Begin::Future(future), span));
             }
             if let Some((finished, jobs)) = intake.finished {
                 *this.deadline = finished.deadline;
                 arrived |= !jobs.is_empty();
                 for job in jobs {
-                    let stage = match job.work {
-                        Work::Future(future) => Stage::Run(future),
-                        Work::WithContext(callback) => Stage::Start(
-                            callback,
-                            AfterContext::new(scope.clone(), finished.outcome),
-                        ),
+                    let ctx = || AfterContext::new(scope.clone(), finished.outcome);
+                    let begin = match job.work {
+                        Work::Future(future) => Begin::Future(future),
+                        Work::WithContext(callback) => Begin::WithContext(callback, ctx()),
+                        Work::Blocking(callback) => Begin::Blocking(callback, ctx()),
                     };
-                    this.running.push(Running::new(stage, job.span));
+                    this.running.push(Running::new(scope, begin, job.span));
                 }
             }
             // Nothing has been polled yet: work arriving too late never starts.
@@ -377,11 +413,16 @@ impl Future for DriverTask {
                 }
             }
             match this.running.poll_next_unpin(cx) {
-                Poll::Ready(Some(result)) => {
-                    if let Err(panic) = result {
-                        log_panic(scope, &*panic);
-                    }
-                    scope.shared.ended(Ended::Finished, 1);
+                Poll::Ready(Some(exit)) => {
+                    let how = match exit {
+                        Exit::Completed => Ended::Completed,
+                        Exit::Panicked(panic) => {
+                            log_panic(scope, &*panic);
+                            Ended::Panicked
+                        }
+                        Exit::Cancelled => Ended::Cancelled,
+                    };
+                    scope.shared.ended(how, 1);
                 }
                 // Nothing runs: the next intake retires the driver unless work arrived.
                 Poll::Ready(None) => {}
@@ -414,18 +455,23 @@ fn stop(
     why: Stop,
 ) -> Poll<()> {
     *done = true;
-    let count = cancel(scope, running);
     let (method, path) = (scope.snapshot.method(), scope.snapshot.uri().path());
     match why {
-        Stop::Budget => tracing::warn!(
-            %method, path, cancelled = count,
-            "after callbacks cancelled: the request's max duration ran out \
-             (raise it with `MaxDuration` on the route or `AfterLayer::max_duration`)"
-        ),
-        Stop::Shutdown => tracing::warn!(
-            %method, path, cancelled = count,
-            "after callbacks cancelled: the shutdown grace period ran out"
-        ),
+        Stop::Budget => {
+            let count = cancel(scope, running, Ended::TimedOut);
+            tracing::warn!(
+                %method, path, cancelled = count,
+                "after callbacks cancelled: the request's max duration ran out \
+                 (raise it with `MaxDuration` on the route or `AfterLayer::max_duration`)"
+            );
+        }
+        Stop::Shutdown => {
+            let count = cancel(scope, running, Ended::Cancelled);
+            tracing::warn!(
+                %method, path, cancelled = count,
+                "after callbacks cancelled: the shutdown grace period ran out"
+            );
+        }
     }
     Poll::Ready(())
 }
@@ -444,53 +490,172 @@ fn log_panic(scope: &Scope, panic: &(dyn Any + Send)) {
     );
 }
 
+/// How a callback is to be started.
+enum Begin {
+    Future(BoxFuture),
+    WithContext(BoxCallback, AfterContext),
+    Blocking(BoxBlocking, AfterContext),
+}
+
+/// How a callback ended, as far as its driver can tell.
+enum Exit {
+    Completed,
+    Panicked(Box<dyn Any + Send>),
+    /// The runtime dropped a blocking callback before it started.
+    Cancelled,
+}
+
 enum Stage {
-    Start(BoxCallback, AfterContext),
-    Run(BoxFuture),
+    /// Not started: waiting for its first poll, or for a place under the concurrency limit.
+    Waiting {
+        begin: Begin,
+        acquire: Option<BoxAcquire>,
+    },
+    Async {
+        future: BoxFuture,
+        _slot: Slot,
+    },
+    /// Handed to the blocking pool, which holds its slot.
+    Blocking(JoinHandle<()>),
     Done,
 }
 
-/// One callback being run: started on its first poll, inside its span, with panics caught.
+/// A callback's place among the running ones: counted in the `running` gauge, and holding its
+/// concurrency permit, until dropped.
+struct Slot {
+    scope: Arc<Scope>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    fn new(scope: &Arc<Scope>, permit: Option<OwnedSemaphorePermit>) -> Self {
+        scope.shared.gauge(Gauge::Running, true);
+        Self {
+            scope: scope.clone(),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.scope.shared.gauge(Gauge::Running, false);
+    }
+}
+
+/// One callback being run: started on its first poll (once it has a place under the
+/// concurrency limit), inside its span, with panics caught.
 struct Running {
     stage: Stage,
     span: Span,
+    scope: Arc<Scope>,
 }
 
 impl Running {
-    fn new(stage: Stage, span: Span) -> Self {
-        Self { stage, span }
+    fn new(scope: &Arc<Scope>, begin: Begin, span: Span) -> Self {
+        Self {
+            stage: Stage::Waiting {
+                begin,
+                acquire: None,
+            },
+            span,
+            scope: scope.clone(),
+        }
     }
 }
 
 impl Future for Running {
-    type Output = Result<(), Box<dyn Any + Send>>;
+    type Output = Exit;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let _entered = this.span.enter();
-        let stage = &mut this.stage;
-        // A panic leaves `Done` behind, dropping the callback.
-        let polled = catch_unwind(AssertUnwindSafe(|| loop {
-            match mem::replace(stage, Stage::Done) {
-                Stage::Start(callback, ctx) => *stage = Stage::Run(callback(ctx)),
-                Stage::Run(mut future) => {
-                    let poll = future.as_mut().poll(cx);
-                    *stage = Stage::Run(future);
-                    return poll;
-                }
-                Stage::Done => return Poll::Ready(()),
-            }
-        }));
-        match polled {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(())) => {
-                this.stage = Stage::Done;
-                Poll::Ready(Ok(()))
-            }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Exit> {
+        let Running { stage, span, scope } = self.get_mut();
+        let _entered = span.enter();
+        match catch_unwind(AssertUnwindSafe(|| advance(stage, span, scope, cx))) {
+            Ok(poll) => poll,
             Err(panic) => {
-                this.stage = Stage::Done;
-                Poll::Ready(Err(panic))
+                // Leaving `Done` behind drops the callback.
+                *stage = Stage::Done;
+                Poll::Ready(Exit::Panicked(panic))
             }
+        }
+    }
+}
+
+fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<Exit> {
+    let shared = &scope.shared;
+    loop {
+        *stage = match mem::replace(stage, Stage::Done) {
+            Stage::Waiting { begin, mut acquire } => {
+                let permit = match &scope.limit {
+                    None => None,
+                    Some(limit) => {
+                        let waiting = acquire.get_or_insert_with(|| {
+                            shared.gauge(Gauge::Queued, true);
+                            Box::pin(limit.clone().acquire_owned())
+                        });
+                        let Poll::Ready(permit) = waiting.as_mut().poll(cx) else {
+                            *stage = Stage::Waiting { begin, acquire };
+                            return Poll::Pending;
+                        };
+                        shared.gauge(Gauge::Queued, false);
+                        // The semaphore is never closed, so this is always a permit.
+                        permit.ok()
+                    }
+                };
+                let slot = Slot::new(scope, permit);
+                match begin {
+                    Begin::Future(future) => Stage::Async {
+                        future,
+                        _slot: slot,
+                    },
+                    Begin::WithContext(callback, ctx) => Stage::Async {
+                        future: callback(ctx),
+                        _slot: slot,
+                    },
+                    Begin::Blocking(callback, ctx) => {
+                        let (span, after) = (span.clone(), After::from_scope(scope.clone()));
+                        Stage::Blocking(tokio::task::spawn_blocking(move || {
+                            let _slot = slot;
+                            let _entered = span.enter();
+                            crate::after::sync_scoped(after, || callback(ctx));
+                        }))
+                    }
+                }
+            }
+            Stage::Async { mut future, _slot } => {
+                if future.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Exit::Completed);
+                }
+                *stage = Stage::Async { future, _slot };
+                return Poll::Pending;
+            }
+            Stage::Blocking(mut handle) => {
+                return match Pin::new(&mut handle).poll(cx) {
+                    Poll::Pending => {
+                        *stage = Stage::Blocking(handle);
+                        Poll::Pending
+                    }
+                    Poll::Ready(Ok(())) => Poll::Ready(Exit::Completed),
+                    Poll::Ready(Err(error)) => Poll::Ready(match error.try_into_panic() {
+                        Ok(panic) => Exit::Panicked(panic),
+                        Err(_) => Exit::Cancelled,
+                    }),
+                }
+            }
+            Stage::Done => return Poll::Ready(Exit::Completed),
+        };
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        match &self.stage {
+            Stage::Waiting {
+                acquire: Some(_), ..
+            } => self.scope.shared.gauge(Gauge::Queued, false),
+            // A blocking callback that has not started yet never will; one that has runs on.
+            Stage::Blocking(handle) => handle.abort(),
+            _ => {}
         }
     }
 }
@@ -775,5 +940,167 @@ mod tests {
         let lines = logs.lines_with("audit written");
         assert_eq!(lines.len(), 1);
         assert!(lines[0].contains("request{id=42}:after"), "{lines:?}");
+    }
+
+    #[tokio::test]
+    async fn the_last_registration_of_a_name_wins_and_forget_removes_it() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let log = ran.clone();
+        serve(&layer, move |after| {
+            for (name, label) in [("a", "a1"), ("b", "b1"), ("a", "a2"), ("c", "c1")] {
+                let log = log.clone();
+                after.run_named(
+                    name,
+                    move |_| async move { log.lock().unwrap().push(label) },
+                );
+            }
+            assert!(after.forget("c"));
+            assert!(!after.forget("c"));
+            assert!(!after.forget("never registered"));
+        })
+        .await;
+        drained(&tasks).await;
+        // The replacement takes the place of its latest registration.
+        assert_eq!(*ran.lock().unwrap(), ["b1", "a2"]);
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.scheduled(), stats.completed(), stats.forgotten()),
+            (4, 2, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn names_belong_to_one_request() {
+        let layer = AfterLayer::new();
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let count = ran.clone();
+            serve(&layer, move |after| {
+                after.run_named("audit", move |_| async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                });
+            })
+            .await;
+        }
+        drained(&layer.tasks()).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_limit_of_two_runs_six_callbacks_two_at_a_time_in_order() {
+        let layer = AfterLayer::new().concurrency_limit(2);
+        let tasks = layer.tasks();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        for request in 0..3 {
+            let (running, most, order, gate) =
+                (running.clone(), most.clone(), order.clone(), gate.clone());
+            serve(&layer, move |after| {
+                for callback in 0..2 {
+                    let (running, most, order, gate) =
+                        (running.clone(), most.clone(), order.clone(), gate.clone());
+                    after.run(async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        order.lock().unwrap().push((request, callback));
+                        gate.acquire().await.unwrap().forget();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+            .await;
+        }
+        eventually("two callbacks to start", || {
+            order.lock().unwrap().len() == 2
+        })
+        .await;
+        let stats = tasks.stats();
+        assert_eq!((stats.running(), stats.queued()), (2, 4));
+        assert_eq!(tasks.pending(), 6);
+        // Release them one by one; the limit must hold all along.
+        for released in 1..=6 {
+            gate.add_permits(1);
+            eventually("a callback to end", || {
+                tasks.stats().completed() == released
+            })
+            .await;
+        }
+        drained(&tasks).await;
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        let expected: Vec<_> = (0..3).flat_map(|r| (0..2).map(move |c| (r, c))).collect();
+        assert_eq!(
+            *order.lock().unwrap(),
+            expected,
+            "waiting callbacks start in FIFO order"
+        );
+        assert_eq!((tasks.stats().running(), tasks.stats().queued()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callback_waiting_for_the_limit_is_cancelled_by_its_budget_without_running() {
+        let layer = AfterLayer::new()
+            .concurrency_limit(1)
+            .max_duration(Duration::from_secs(5));
+        let tasks = layer.tasks();
+        let started = Arc::new(AtomicUsize::new(0));
+        let count = started.clone();
+        serve(&layer, move |after| {
+            for _ in 0..2 {
+                let count = count.clone();
+                after.run(async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        })
+        .await;
+        drained(&tasks).await;
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.timed_out(), stats.running(), stats.queued()),
+            (2, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn blocking_work_runs_off_the_async_workers_with_its_context() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let slow_done = Arc::new(AtomicBool::new(false));
+        let seen_while_slow = Arc::new(Mutex::new(None));
+        let flag = slow_done.clone();
+        serve(&layer, move |after| {
+            after.run_blocking(move |ctx| {
+                assert_eq!(ctx.request().uri().path(), "/orders/7");
+                // The request is reachable from the blocking closure too.
+                assert!(After::try_current().is_some());
+                std::thread::sleep(Duration::from_millis(600));
+                flag.store(true, Ordering::SeqCst);
+            });
+            after.run_blocking(|_| panic!("blocking bug"));
+        })
+        .await;
+        // Another request's callback runs while the blocking one sleeps.
+        let (flag, seen) = (slow_done.clone(), seen_while_slow.clone());
+        serve(&layer, move |after| {
+            after.run(async move { *seen.lock().unwrap() = Some(flag.load(Ordering::SeqCst)) });
+        })
+        .await;
+        eventually("the quick callback", || {
+            seen_while_slow.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(*seen_while_slow.lock().unwrap(), Some(false));
+        drained(&tasks).await;
+        assert!(slow_done.load(Ordering::SeqCst));
+        let stats = tasks.stats();
+        assert_eq!((stats.completed(), stats.panicked()), (2, 1));
+        assert_eq!(logs.lines_with("blocking bug").len(), 1);
     }
 }

@@ -7,7 +7,6 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -17,7 +16,7 @@ use tower_service::Service;
 
 use crate::after::{scoped, sync_scoped};
 use crate::body::Finisher;
-use crate::scope::Scope;
+use crate::scope::{Config, Scope};
 use crate::tasks::Shared;
 use crate::{After, AfterBody, Completion, RequestSnapshot};
 
@@ -28,15 +27,15 @@ use crate::{After, AfterBody, Completion, RequestSnapshot};
 pub struct AfterService<S> {
     inner: S,
     shared: Arc<Shared>,
-    max_duration: Duration,
+    config: Config,
 }
 
 impl<S> AfterService<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>, max_duration: Duration) -> Self {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>, config: Config) -> Self {
         Self {
             inner,
             shared,
-            max_duration,
+            config,
         }
     }
 
@@ -71,7 +70,7 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let snapshot = RequestSnapshot::new(&request);
-        let scope = Arc::new(Scope::new(snapshot, self.shared.clone(), self.max_duration));
+        let scope = Arc::new(Scope::new(snapshot, self.shared.clone(), &self.config));
         let after = After::from_scope(scope.clone());
         request.extensions_mut().insert(after.clone());
         // Middleware may do its work in `call` rather than in the future: scope both.
@@ -134,7 +133,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for AfterService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AfterService")
             .field("inner", &self.inner)
-            .field("max_duration", &self.max_duration)
+            .field("max_duration", &self.config.max_duration)
             .finish_non_exhaustive()
     }
 }

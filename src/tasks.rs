@@ -21,24 +21,44 @@ pub(crate) struct Shared {
     pending: AtomicUsize,
     /// Woken whenever `pending` drops to zero.
     idle: Notify,
-    /// Callbacks that ran to their end or panicked.
-    finished: AtomicU64,
-    /// Callbacks dropped before their end: by a budget, a shutdown or a missing runtime.
+    scheduled: AtomicU64,
+    completed: AtomicU64,
+    panicked: AtomicU64,
+    timed_out: AtomicU64,
     cancelled: AtomicU64,
+    forgotten: AtomicU64,
+    running: AtomicU64,
+    queued: AtomicU64,
 }
 
 /// How a callback ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
-    /// It ran to its end, or panicked (which ends it too).
-    Finished,
-    /// It was dropped before its end.
+    /// It ran to its end.
+    Completed,
+    /// It panicked.
+    Panicked,
+    /// Its request's budget ran out first.
+    TimedOut,
+    /// A shutdown, or the lack of a runtime, dropped it.
     Cancelled,
+    /// It was replaced by a callback of the same name, or forgotten, before it started.
+    Forgotten,
+}
+
+/// The gauges, for [`Gauge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gauge {
+    Running,
+    Queued,
 }
 
 impl Shared {
     pub(crate) fn registered(&self) {
         self.pending.fetch_add(1, Ordering::Relaxed);
+        self.scheduled.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::SCHEDULED).increment(1);
     }
 
     /// Accounts for `count` callbacks that ended the same way.
@@ -47,13 +67,43 @@ impl Shared {
             return;
         }
         let counter = match how {
-            Ended::Finished => &self.finished,
+            Ended::Completed => &self.completed,
+            Ended::Panicked => &self.panicked,
+            Ended::TimedOut => &self.timed_out,
             Ended::Cancelled => &self.cancelled,
+            Ended::Forgotten => &self.forgotten,
         };
         counter.fetch_add(count as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::ended(how)).increment(count as u64);
         // AcqRel: whoever sees zero also sees the counters above.
         if self.pending.fetch_sub(count, Ordering::AcqRel) == count {
             self.idle.notify_waiters();
+        }
+    }
+
+    pub(crate) fn gauge(&self, gauge: Gauge, up: bool) {
+        let value = match gauge {
+            Gauge::Running => &self.running,
+            Gauge::Queued => &self.queued,
+        };
+        if up {
+            value.fetch_add(1, Ordering::Relaxed);
+        } else {
+            value.fetch_sub(1, Ordering::Relaxed);
+        }
+        #[cfg(feature = "metrics")]
+        {
+            let name = match gauge {
+                Gauge::Running => names::RUNNING,
+                Gauge::Queued => names::QUEUED,
+            };
+            let gauge = metrics::gauge!(name);
+            if up {
+                gauge.increment(1.0);
+            } else {
+                gauge.decrement(1.0);
+            }
         }
     }
 
@@ -61,11 +111,18 @@ impl Shared {
         self.pending.load(Ordering::Acquire)
     }
 
-    fn totals(&self) -> (u64, u64) {
-        (
-            self.finished.load(Ordering::Acquire),
-            self.cancelled.load(Ordering::Acquire),
-        )
+    fn stats(&self) -> AfterStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Acquire);
+        AfterStats {
+            scheduled: load(&self.scheduled),
+            completed: load(&self.completed),
+            panicked: load(&self.panicked),
+            timed_out: load(&self.timed_out),
+            cancelled: load(&self.cancelled),
+            forgotten: load(&self.forgotten),
+            running: load(&self.running),
+            queued: load(&self.queued),
+        }
     }
 
     async fn idle(&self) {
@@ -136,6 +193,42 @@ impl AfterTasks {
         self.shared.pending()
     }
 
+    /// Counters and gauges of every callback scheduled through this layer and its clones.
+    ///
+    /// ```
+    /// let tasks = tower_after::AfterLayer::new().tasks();
+    /// let stats = tasks.stats();
+    /// assert_eq!(stats.scheduled(), 0);
+    /// assert_eq!(stats.running() + stats.queued(), 0);
+    /// ```
+    #[must_use]
+    pub fn stats(&self) -> AfterStats {
+        self.shared.stats()
+    }
+
+    /// Resolves as soon as nothing is pending: every callback registered so far has ended.
+    ///
+    /// Unlike [`AfterTasks::shutdown`] it cancels nothing and leaves the layer as it was, so it
+    /// can be awaited again and again. It is meant for platforms that freeze the process between
+    /// invocations (AWS Lambda and other serverless runtimes): the adapter awaits `idle()` after
+    /// each response, before it lets the invocation end, the way Vercel's `waitUntil` extends one.
+    /// See the crate documentation for the shape of such an adapter.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping it only stops the waiting.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let tasks = tower_after::AfterLayer::new().tasks();
+    /// tasks.idle().await; // nothing pending: resolves at once
+    /// # }
+    /// ```
+    pub async fn idle(&self) {
+        self.shared.idle().await;
+    }
+
     /// Waits for every pending callback, then reports what happened to them.
     ///
     /// Callbacks registered while it waits (by a callback, a late [`wait_until`] future or a
@@ -157,7 +250,7 @@ impl AfterTasks {
     /// [`wait_until`]: crate::After::wait_until
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let shared = &self.shared;
-        let (finished_before, cancelled_before) = shared.totals();
+        let before = shared.stats();
         let drained = tokio::time::timeout(grace, shared.idle()).await.is_ok();
         let mut left_queued = 0;
         if !drained {
@@ -169,10 +262,12 @@ impl AfterTasks {
             shared.drivers.reopen();
             left_queued = shared.pending();
         }
-        let (finished, cancelled) = shared.totals();
+        let after = shared.stats();
+        let ended = |stats: &AfterStats| stats.completed + stats.panicked;
+        let dropped = |stats: &AfterStats| stats.timed_out + stats.cancelled + stats.forgotten;
         let report = ShutdownReport {
-            completed: (finished - finished_before) as usize,
-            cancelled: (cancelled - cancelled_before) as usize + left_queued,
+            completed: (ended(&after) - ended(&before)) as usize,
+            cancelled: (dropped(&after) - dropped(&before)) as usize + left_queued,
         };
         if report.cancelled > 0 {
             tracing::warn!(
@@ -195,6 +290,112 @@ impl fmt::Debug for AfterTasks {
     }
 }
 
+/// Counters and gauges of the callbacks of one [`AfterLayer`](crate::AfterLayer) and its clones,
+/// from [`AfterTasks::stats`].
+///
+/// The totals only grow. Every callback scheduled is, at any moment, either pending (see
+/// [`AfterTasks::pending`]: queued behind its response, waiting for a concurrency permit, or
+/// running) or counted in exactly one of `completed`, `panicked`, `timed_out`, `cancelled` and
+/// `forgotten`.
+///
+/// With the `metrics` feature, the same numbers are published through the [`metrics`] facade:
+///
+/// | name | kind |
+/// |---|---|
+/// | `tower_after_callbacks_scheduled_total` | counter |
+/// | `tower_after_callbacks_completed_total` | counter |
+/// | `tower_after_callbacks_panicked_total` | counter |
+/// | `tower_after_callbacks_timed_out_total` | counter |
+/// | `tower_after_callbacks_cancelled_total` | counter |
+/// | `tower_after_callbacks_forgotten_total` | counter |
+/// | `tower_after_callbacks_running` | gauge |
+/// | `tower_after_callbacks_queued` | gauge |
+///
+/// [`metrics`]: https://docs.rs/metrics
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AfterStats {
+    scheduled: u64,
+    completed: u64,
+    panicked: u64,
+    timed_out: u64,
+    cancelled: u64,
+    forgotten: u64,
+    running: u64,
+    queued: u64,
+}
+
+impl AfterStats {
+    /// Callbacks and `wait_until` futures registered, in total.
+    #[must_use]
+    pub fn scheduled(&self) -> u64 {
+        self.scheduled
+    }
+
+    /// Callbacks that ran to their end.
+    #[must_use]
+    pub fn completed(&self) -> u64 {
+        self.completed
+    }
+
+    /// Callbacks that panicked (each one logged as an error).
+    #[must_use]
+    pub fn panicked(&self) -> u64 {
+        self.panicked
+    }
+
+    /// Callbacks cancelled because their request's max duration ran out, whether they had
+    /// started or were still waiting.
+    #[must_use]
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out
+    }
+
+    /// Callbacks cancelled by a shutdown whose grace period ran out, or dropped because no Tokio
+    /// runtime was there to run them.
+    #[must_use]
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled
+    }
+
+    /// Named callbacks replaced by a later one of the same name, or removed with
+    /// [`After::forget`](crate::After::forget), before they started.
+    #[must_use]
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// Callbacks running now.
+    #[must_use]
+    pub fn running(&self) -> u64 {
+        self.running
+    }
+
+    /// Callbacks waiting now for a place under the concurrency limit.
+    #[must_use]
+    pub fn queued(&self) -> u64 {
+        self.queued
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod names {
+    use super::Ended;
+
+    pub(super) const SCHEDULED: &str = "tower_after_callbacks_scheduled_total";
+    pub(super) const RUNNING: &str = "tower_after_callbacks_running";
+    pub(super) const QUEUED: &str = "tower_after_callbacks_queued";
+
+    pub(super) fn ended(how: Ended) -> &'static str {
+        match how {
+            Ended::Completed => "tower_after_callbacks_completed_total",
+            Ended::Panicked => "tower_after_callbacks_panicked_total",
+            Ended::TimedOut => "tower_after_callbacks_timed_out_total",
+            Ended::Cancelled => "tower_after_callbacks_cancelled_total",
+            Ended::Forgotten => "tower_after_callbacks_forgotten_total",
+        }
+    }
+}
+
 /// What [`AfterTasks::shutdown`] did: how many callbacks ended while it waited, and how many it
 /// had to cancel.
 ///
@@ -213,8 +414,8 @@ impl ShutdownReport {
         self.completed
     }
 
-    /// Callbacks dropped before their end: by the grace deadline, or by their own request's
-    /// budget while the drain was under way.
+    /// Callbacks dropped before their end: by the grace deadline, by their own request's budget
+    /// while the drain was under way, or forgotten meanwhile.
     #[must_use]
     pub fn cancelled(&self) -> usize {
         self.cancelled
@@ -311,5 +512,110 @@ mod tests {
             .shutdown(Duration::from_secs(3600))
             .await;
         assert_eq!((report.completed(), report.cancelled()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_count_each_ending_once() {
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        let service = layer.layer(service_fn(|request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            after.run(async {});
+            after.run(async { panic!("counted, not fatal") });
+            after.run(tokio::time::sleep(Duration::from_secs(10)));
+            async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(tasks.stats().scheduled(), 3);
+        response.into_body().collect().await.unwrap();
+        tasks.idle().await;
+        let stats = tasks.stats();
+        assert_eq!(
+            (
+                stats.scheduled(),
+                stats.completed(),
+                stats.panicked(),
+                stats.timed_out()
+            ),
+            (3, 1, 1, 1)
+        );
+        assert_eq!(
+            (stats.cancelled(), stats.running(), stats.queued()),
+            (0, 0, 0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits_without_closing_anything() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicUsize::new(0));
+        for round in 1..=2 {
+            serve_sleepers(&layer, 2, Duration::from_secs(1), &done).await;
+            assert_eq!(tasks.pending(), 2);
+            tasks.idle().await;
+            assert_eq!(tasks.pending(), 0);
+            // Everything ran, nested work included; the second round runs just the same.
+            assert_eq!(done.load(Ordering::SeqCst), 4 * round);
+        }
+        assert_eq!(tasks.stats().cancelled(), 0);
+    }
+
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn the_counters_are_published_through_metrics() {
+        use metrics::{Counter, Gauge, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+        use std::collections::BTreeMap;
+        use std::sync::atomic::AtomicU64;
+        use std::sync::Mutex;
+
+        #[derive(Default)]
+        struct Totals(Mutex<BTreeMap<String, Arc<AtomicU64>>>);
+
+        impl Totals {
+            fn get(&self, name: &str) -> u64 {
+                let map = self.0.lock().unwrap();
+                map.get(name)
+                    .map_or(0, |value| value.load(Ordering::SeqCst))
+            }
+            fn slot(&self, key: &Key) -> Arc<AtomicU64> {
+                let mut map = self.0.lock().unwrap();
+                map.entry(key.name().to_owned()).or_default().clone()
+            }
+        }
+
+        impl Recorder for Totals {
+            fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+                Counter::from_arc(self.slot(key))
+            }
+            fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+                Gauge::from_arc(self.slot(key))
+            }
+            fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> metrics::Histogram {
+                metrics::Histogram::noop()
+            }
+        }
+
+        let totals = Totals::default();
+        metrics::with_local_recorder(&totals, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let layer = AfterLayer::new();
+                let done = Arc::new(AtomicUsize::new(0));
+                serve_sleepers(&layer, 1, Duration::from_millis(1), &done).await;
+                layer.tasks().idle().await;
+            });
+        });
+        assert_eq!(totals.get("tower_after_callbacks_scheduled_total"), 2);
+        assert_eq!(totals.get("tower_after_callbacks_completed_total"), 2);
+        assert_eq!(totals.get("tower_after_callbacks_panicked_total"), 0);
+        // A gauge stores its f64 bits; back at zero, they are all zero.
+        assert_eq!(totals.get("tower_after_callbacks_running"), 0);
     }
 }
