@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::scope::{BoxFuture, Job, Scope, Start, Work};
+use crate::scope::{Job, Plain, Scope, Start, WithContext, Work};
 use crate::AfterContext;
 
 tokio::task_local! {
@@ -105,11 +105,13 @@ impl After {
 
     /// The current request's handle.
     ///
-    /// Works anywhere inside the task that serves a request through
+    /// Works anywhere the request's response future is being polled under
     /// [`AfterLayer`](crate::AfterLayer): in the handler and everything it calls or awaits, in
-    /// middleware inside the layer, and in the request's callbacks themselves. A task the handler
-    /// spawns with `tokio::spawn` is a different task and outside that scope: move a clone of the
-    /// handle into it instead.
+    /// middleware inside the layer (axum's `from_fn` and any future-based middleware), and in the
+    /// request's callbacks themselves. Two places are outside that scope: a task the handler
+    /// spawns with `tokio::spawn` (move a clone of the handle into it instead), and code that runs
+    /// synchronously in an inner `Service::call` (read the handle from the request extensions
+    /// there).
     ///
     /// # Panics
     ///
@@ -157,7 +159,10 @@ impl After {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.register(Work::Future(Box::pin(future)), Start::AfterResponse);
+        self.register(
+            Work::Async(Box::pin(Plain::new(future))),
+            Start::AfterResponse,
+        );
     }
 
     /// Calls `callback` once the response has finished, with an [`AfterContext`] that tells
@@ -176,7 +181,8 @@ impl After {
         C: FnOnce(AfterContext) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        self.register(Work::WithContext(boxed(callback)), Start::AfterResponse);
+        let callback = Box::pin(WithContext::new(callback));
+        self.register(Work::Async(callback), Start::AfterResponse);
     }
 
     /// Like [`After::run_with`], under a name: registering the same name again in the same
@@ -199,7 +205,7 @@ impl After {
         C: FnOnce(AfterContext) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let job = Job::new(Work::WithContext(boxed(callback))).named(name.into());
+        let job = Job::new(Work::Async(Box::pin(WithContext::new(callback)))).named(name.into());
         self.scope.register(job, Start::AfterResponse);
     }
 
@@ -262,20 +268,12 @@ impl After {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.register(Work::Future(Box::pin(future)), Start::Now);
+        self.register(Work::Async(Box::pin(Plain::new(future))), Start::Now);
     }
 
     fn register(&self, work: Work, start: Start) {
         self.scope.register(Job::new(work), start);
     }
-}
-
-fn boxed<C, F>(callback: C) -> Box<dyn FnOnce(AfterContext) -> BoxFuture + Send>
-where
-    C: FnOnce(AfterContext) -> F + Send + 'static,
-    F: Future<Output = ()> + Send + 'static,
-{
-    Box::new(move |ctx| -> BoxFuture { Box::pin(callback(ctx)) })
 }
 
 /// Runs `future` after the current request's response has been sent: shorthand for

@@ -134,6 +134,7 @@ impl Finisher {
                 completion,
                 body_bytes: self.body_bytes,
                 elapsed: now.saturating_duration_since(scope.entered),
+                finished_at: now.into_std(),
             };
             scope.finish(outcome, now);
         }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
@@ -73,6 +73,7 @@ pub struct Outcome {
     pub(crate) completion: Completion,
     pub(crate) body_bytes: u64,
     pub(crate) elapsed: Duration,
+    pub(crate) finished_at: Instant,
 }
 
 impl Outcome {
@@ -102,6 +103,14 @@ impl Outcome {
     #[must_use]
     pub fn elapsed(&self) -> Duration {
         self.elapsed
+    }
+
+    /// When the response finished, which is when its callbacks were handed to the runtime.
+    ///
+    /// `finished_at().elapsed()` in a callback is how long it waited to start.
+    #[must_use]
+    pub fn finished_at(&self) -> Instant {
+        self.finished_at
     }
 }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pin_project_lite::pin_project;
+use smallvec::SmallVec;
 use tokio::runtime::Handle;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -33,10 +34,87 @@ use tracing::Span;
 use crate::tasks::{Ended, Gauge, Shared};
 use crate::{After, AfterContext, Outcome, RequestSnapshot};
 
-pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-pub(crate) type BoxCallback = Box<dyn FnOnce(AfterContext) -> BoxFuture + Send>;
+pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
 pub(crate) type BoxBlocking = Box<dyn FnOnce(AfterContext) + Send>;
 type BoxAcquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// An async callback, type-erased in a single allocation: a plain future, or a `run_with`
+/// closure that becomes its future in place when it starts.
+pub(crate) trait Callback: Send {
+    /// Polls the callback; a `run_with` closure takes `context` when it starts.
+    fn poll_run(
+        self: Pin<&mut Self>,
+        context: &mut Option<AfterContext>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()>;
+}
+
+pin_project! {
+    /// A future registered with `run` or `wait_until`.
+    pub(crate) struct Plain<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F> Plain<F> {
+    pub(crate) fn new(future: F) -> Self {
+        Self { future }
+    }
+}
+
+impl<F: Future<Output = ()> + Send> Callback for Plain<F> {
+    fn poll_run(
+        self: Pin<&mut Self>,
+        _context: &mut Option<AfterContext>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        self.project().future.poll(cx)
+    }
+}
+
+pin_project! {
+    /// A closure registered with `run_with`, then the future it returned.
+    #[project = WithContextProjection]
+    pub(crate) enum WithContext<C, F> {
+        Start { callback: Option<C> },
+        Run { #[pin] future: F },
+    }
+}
+
+impl<C, F> WithContext<C, F> {
+    pub(crate) fn new(callback: C) -> Self {
+        Self::Start {
+            callback: Some(callback),
+        }
+    }
+}
+
+impl<C, F> Callback for WithContext<C, F>
+where
+    C: FnOnce(AfterContext) -> F + Send,
+    F: Future<Output = ()> + Send,
+{
+    fn poll_run(
+        mut self: Pin<&mut Self>,
+        context: &mut Option<AfterContext>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        loop {
+            match self.as_mut().project() {
+                WithContextProjection::Start { callback } => {
+                    // Such callbacks start only after the response finished, with a context.
+                    let (Some(callback), Some(context)) = (callback.take(), context.take()) else {
+                        return Poll::Ready(());
+                    };
+                    let future = callback(context);
+                    self.set(Self::Run { future });
+                }
+                WithContextProjection::Run { future } => return future.poll(cx),
+            }
+        }
+    }
+}
 
 /// What a layer decides for each of its requests.
 #[derive(Clone)]
@@ -61,9 +139,10 @@ struct State {
     finished: Option<Finished>,
     /// Before the response finished: callbacks waiting for it.
     /// After: anything registered, waiting for the driver to pick it up.
-    queue: Vec<Job>,
+    /// Most requests register one callback, if any: it is kept without an allocation.
+    queue: Jobs,
     /// `wait_until` futures registered before the response finished: they start at once.
-    early: Vec<(BoxFuture, Span)>,
+    early: Vec<(BoxCallback, Span)>,
     driver: Driver,
 }
 
@@ -80,6 +159,8 @@ enum Driver {
     Active(Option<Waker>),
 }
 
+type Jobs = SmallVec<[Job; 1]>;
+
 /// Work registered with [`After`].
 pub(crate) struct Job {
     work: Work,
@@ -88,8 +169,7 @@ pub(crate) struct Job {
 }
 
 pub(crate) enum Work {
-    Future(BoxFuture),
-    WithContext(BoxCallback),
+    Async(BoxCallback),
     Blocking(BoxBlocking),
 }
 
@@ -150,7 +230,7 @@ impl Scope {
             state: Mutex::new(State {
                 budget: config.max_duration,
                 finished: None,
-                queue: Vec::new(),
+                queue: Jobs::new(),
                 early: Vec::new(),
                 driver: Driver::Absent,
             }),
@@ -179,12 +259,12 @@ impl Scope {
                 false,
                 Start::Now,
                 Job {
-                    work: Work::Future(future),
+                    work: Work::Async(callback),
                     span,
                     ..
                 },
             ) => {
-                state.early.push((future, span));
+                state.early.push((callback, span));
                 true
             }
             (finished, _, job) => {
@@ -252,7 +332,7 @@ impl Scope {
                     .spawn_on(crate::after::scoped(after, driver), &runtime);
             }
             Err(_) => {
-                let count = cancel(self, &mut FuturesUnordered::new(), Ended::Cancelled);
+                let count = cancel(self, &mut Callbacks::default(), Ended::Cancelled);
                 tracing::error!(
                     method = %self.snapshot.method(),
                     path = self.snapshot.uri().path(),
@@ -287,14 +367,14 @@ impl Scope {
     }
 
     /// Takes everything not yet handed to a driver, and lets the next work spawn a new driver.
-    fn abandon(&self) -> (Vec<(BoxFuture, Span)>, Vec<Job>) {
+    fn abandon(&self) -> (Vec<(BoxCallback, Span)>, Jobs) {
         let mut state = self.state();
         state.driver = Driver::Absent;
         let early = mem::take(&mut state.early);
         let queue = if state.finished.is_some() {
             mem::take(&mut state.queue)
         } else {
-            Vec::new()
+            Jobs::new()
         };
         (early, queue)
     }
@@ -302,9 +382,9 @@ impl Scope {
 
 struct Intake {
     /// `wait_until` futures from before the response finished.
-    early: Vec<(BoxFuture, Span)>,
+    early: Vec<(BoxCallback, Span)>,
     /// Once the response finished: how, and the work to start now.
-    finished: Option<(Finished, Vec<Job>)>,
+    finished: Option<(Finished, Jobs)>,
 }
 
 /// Why a driver stopped its callbacks before their end.
@@ -318,12 +398,12 @@ pin_project! {
     /// The task that runs one request's callbacks.
     struct DriverTask {
         scope: Arc<Scope>,
-        running: FuturesUnordered<Running>,
+        running: Callbacks,
         deadline: Option<Instant>,
-        #[pin]
-        shutdown: WaitForCancellationFutureOwned,
-        #[pin]
-        budget: Option<Sleep>,
+        // Made only once a callback is still pending after its first poll: callbacks that end
+        // at once (a log line, a counter) never pay for a timer or a shutdown waiter, and the
+        // task stays small.
+        watch: Option<Pin<Box<Watch>>>,
         done: bool,
     }
 
@@ -348,20 +428,48 @@ pin_project! {
 
 impl DriverTask {
     fn new(scope: Arc<Scope>) -> Self {
-        let shutdown = scope.shared.shutdown.clone().cancelled_owned();
         Self {
             scope,
-            running: FuturesUnordered::new(),
+            running: Callbacks::default(),
             deadline: None,
-            shutdown,
-            budget: None,
+            watch: None,
             done: false,
         }
     }
 }
 
+pin_project! {
+    /// What a driver with pending callbacks waits for besides them.
+    struct Watch {
+        #[pin]
+        shutdown: WaitForCancellationFutureOwned,
+        #[pin]
+        budget: Option<Sleep>,
+    }
+}
+
+impl Watch {
+    /// Polls the shutdown deadline, and the budget once `deadline` is known.
+    fn poll_stop(
+        self: Pin<&mut Self>,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Option<Stop> {
+        let mut this = self.project();
+        if this.shutdown.poll(cx).is_ready() {
+            return Some(Stop::Shutdown);
+        }
+        let deadline = deadline?;
+        if this.budget.is_none() {
+            this.budget.set(Some(tokio::time::sleep_until(deadline)));
+        }
+        let budget = this.budget.as_pin_mut()?;
+        budget.poll(cx).is_ready().then_some(Stop::Budget)
+    }
+}
+
 /// Drops every callback of the request that has not ended, and counts them.
-fn cancel(scope: &Arc<Scope>, running: &mut FuturesUnordered<Running>, how: Ended) -> usize {
+fn cancel(scope: &Arc<Scope>, running: &mut Callbacks, how: Ended) -> usize {
     let (early, queue) = scope.abandon();
     let count = running.len() + early.len() + queue.len();
     // Dropped outside the lock: a callback's `Drop` may register more work.
@@ -375,7 +483,7 @@ impl Future for DriverTask {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut this = self.project();
+        let this = self.project();
         let scope = &*this.scope;
         loop {
             let Some(intake) = scope.intake(cx.waker(), this.running.is_empty()) else {
@@ -383,19 +491,18 @@ impl Future for DriverTask {
                 return Poll::Ready(());
             };
             let mut arrived = !intake.early.is_empty();
-            for (future, span) in intake.early {
+            for (callback, span) in intake.early {
                 this.running
-                    .push(Running::new(scope, Begin::Future(future), span));
+                    .push(Running::new(scope, Begin::Async(callback, None), span));
             }
             if let Some((finished, jobs)) = intake.finished {
                 *this.deadline = finished.deadline;
                 arrived |= !jobs.is_empty();
                 for job in jobs {
-                    let ctx = || AfterContext::new(scope.clone(), finished.outcome);
+                    let context = AfterContext::new(scope.clone(), finished.outcome);
                     let begin = match job.work {
-                        Work::Future(future) => Begin::Future(future),
-                        Work::WithContext(callback) => Begin::WithContext(callback, ctx()),
-                        Work::Blocking(callback) => Begin::Blocking(callback, ctx()),
+                        Work::Async(callback) => Begin::Async(callback, Some(context)),
+                        Work::Blocking(callback) => Begin::Blocking(callback, context),
                     };
                     this.running.push(Running::new(scope, begin, job.span));
                 }
@@ -412,7 +519,7 @@ impl Future for DriverTask {
                     return stop(this.scope, this.running, this.done, Stop::Budget);
                 }
             }
-            match this.running.poll_next_unpin(cx) {
+            match this.running.poll_next(cx) {
                 Poll::Ready(Some(exit)) => {
                     let how = match exit {
                         Exit::Completed => Ended::Completed,
@@ -431,29 +538,20 @@ impl Future for DriverTask {
         }
 
         // Something is still running: watch the shutdown deadline and the request's budget.
-        if this.shutdown.poll(cx).is_ready() {
-            return stop(this.scope, this.running, this.done, Stop::Shutdown);
+        let watch = this.watch.get_or_insert_with(|| {
+            Box::pin(Watch {
+                shutdown: scope.shared.shutdown.clone().cancelled_owned(),
+                budget: None,
+            })
+        });
+        match watch.as_mut().poll_stop(*this.deadline, cx) {
+            Some(why) => stop(this.scope, this.running, this.done, why),
+            None => Poll::Pending,
         }
-        if let Some(deadline) = *this.deadline {
-            if this.budget.is_none() {
-                this.budget.set(Some(tokio::time::sleep_until(deadline)));
-            }
-            if let Some(budget) = this.budget.as_mut().as_pin_mut() {
-                if budget.poll(cx).is_ready() {
-                    return stop(this.scope, this.running, this.done, Stop::Budget);
-                }
-            }
-        }
-        Poll::Pending
     }
 }
 
-fn stop(
-    scope: &Arc<Scope>,
-    running: &mut FuturesUnordered<Running>,
-    done: &mut bool,
-    why: Stop,
-) -> Poll<()> {
+fn stop(scope: &Arc<Scope>, running: &mut Callbacks, done: &mut bool, why: Stop) -> Poll<()> {
     *done = true;
     let (method, path) = (scope.snapshot.method(), scope.snapshot.uri().path());
     match why {
@@ -492,9 +590,64 @@ fn log_panic(scope: &Scope, panic: &(dyn Any + Send)) {
 
 /// How a callback is to be started.
 enum Begin {
-    Future(BoxFuture),
-    WithContext(BoxCallback, AfterContext),
+    Async(BoxCallback, Option<AfterContext>),
     Blocking(BoxBlocking, AfterContext),
+}
+
+/// The callbacks a driver runs: the first inline, any more (rarer) in a `FuturesUnordered`
+/// made when needed, so that the common single callback costs no extra allocation. The first
+/// is always the oldest, so polling it first keeps the registration order.
+#[derive(Default)]
+struct Callbacks {
+    first: Option<Running>,
+    rest: Option<FuturesUnordered<Running>>,
+}
+
+impl Callbacks {
+    fn push(&mut self, running: Running) {
+        if self.is_empty() {
+            self.first = Some(running);
+        } else {
+            self.rest
+                .get_or_insert_with(FuturesUnordered::new)
+                .push(running);
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        if let Some(rest) = &mut self.rest {
+            rest.clear();
+        }
+    }
+
+    /// The next callback to end, `None` when none is left, or pending.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Exit>> {
+        if let Some(first) = &mut self.first {
+            if let Poll::Ready(exit) = Pin::new(first).poll(cx) {
+                self.first = None;
+                return Poll::Ready(Some(exit));
+            }
+        }
+        if let Some(rest) = &mut self.rest {
+            if let Poll::Ready(Some(exit)) = rest.poll_next_unpin(cx) {
+                return Poll::Ready(Some(exit));
+            }
+        }
+        if self.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 /// How a callback ended, as far as its driver can tell.
@@ -512,7 +665,8 @@ enum Stage {
         acquire: Option<BoxAcquire>,
     },
     Async {
-        future: BoxFuture,
+        callback: BoxCallback,
+        context: Option<AfterContext>,
         _slot: Slot,
     },
     /// Handed to the blocking pool, which holds its slot.
@@ -604,12 +758,9 @@ fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<
                 };
                 let slot = Slot::new(scope, permit);
                 match begin {
-                    Begin::Future(future) => Stage::Async {
-                        future,
-                        _slot: slot,
-                    },
-                    Begin::WithContext(callback, ctx) => Stage::Async {
-                        future: callback(ctx),
+                    Begin::Async(callback, context) => Stage::Async {
+                        callback,
+                        context,
                         _slot: slot,
                     },
                     Begin::Blocking(callback, ctx) => {
@@ -622,11 +773,19 @@ fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<
                     }
                 }
             }
-            Stage::Async { mut future, _slot } => {
-                if future.as_mut().poll(cx).is_ready() {
+            Stage::Async {
+                mut callback,
+                mut context,
+                _slot,
+            } => {
+                if callback.as_mut().poll_run(&mut context, cx).is_ready() {
                     return Poll::Ready(Exit::Completed);
                 }
-                *stage = Stage::Async { future, _slot };
+                *stage = Stage::Async {
+                    callback,
+                    context,
+                    _slot,
+                };
                 return Poll::Pending;
             }
             Stage::Blocking(mut handle) => {

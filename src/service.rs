@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower_service::Service;
 
-use crate::after::{scoped, sync_scoped};
+use crate::after::scoped;
 use crate::body::Finisher;
 use crate::scope::{Config, Scope};
 use crate::tasks::Shared;
@@ -73,10 +73,8 @@ where
         let scope = Arc::new(Scope::new(snapshot, self.shared.clone(), &self.config));
         let after = After::from_scope(scope.clone());
         request.extensions_mut().insert(after.clone());
-        // Middleware may do its work in `call` rather than in the future: scope both.
-        let inner = sync_scoped(after.clone(), || self.inner.call(request));
         ResponseFuture {
-            inner: scoped(after, inner),
+            inner: scoped(after, self.inner.call(request)),
             finisher: Finisher::new(scope),
         }
     }
@@ -163,8 +161,11 @@ mod tests {
         let (layer, seen) = (AfterLayer::new(), Seen::default());
         let recorder = seen.clone();
         let service = layer.layer(service_fn(move |_: Request<()>| {
-            record_current(&recorder);
-            async { Err::<Response<Body>, _>(io::Error::other("backend down")) }
+            let recorder = recorder.clone();
+            async move {
+                record_current(&recorder);
+                Err::<Response<Body>, _>(io::Error::other("backend down"))
+            }
         }));
         let error = service.oneshot(Request::new(())).await.unwrap_err();
         assert_eq!(error.to_string(), "backend down");
@@ -226,11 +227,15 @@ mod tests {
         let (layer, seen) = (AfterLayer::new(), Seen::default());
         let recorder = seen.clone();
         let service = layer.layer(service_fn(move |request: Request<()>| {
-            // In `call` itself, as synchronous middleware would.
-            record_current(&recorder);
-            assert!(request.extensions().get::<After>().is_some());
+            // In `call` itself, synchronous middleware reads the extension.
+            let after = request.extensions().get::<After>().unwrap().clone();
             let recorder = recorder.clone();
             async move {
+                // In the future, anything reaches the current request.
+                record_current(&recorder);
+                assert!(
+                    After::current().scope().snapshot.method() == after.scope().snapshot.method()
+                );
                 deep_in_the_call_tree(&recorder).await;
                 Ok::<_, Infallible>(Response::new(Body::new()))
             }
@@ -249,6 +254,7 @@ mod tests {
                 completion: Completion::Complete,
                 body_bytes: 0,
                 elapsed: std::time::Duration::ZERO,
+                finished_at: std::time::Instant::now(),
             };
             seen.record(ctx_free);
         });

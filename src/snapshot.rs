@@ -1,15 +1,22 @@
 //! [`RequestSnapshot`]: the request as callbacks see it.
 //!
 //! Callbacks run after the request and its handler are gone, so they read a copy taken when the
-//! request entered the layer, like Next.js's `headers()` and `cookies()` inside `after()`. The
-//! copy is cheap: header values share their bytes with the original. Cookies are parsed only
-//! when a callback asks for them.
+//! request entered the layer, like Next.js's `headers()` and `cookies()` inside `after()`.
+//!
+//! The copy is made of the bytes, not of the request's `Uri` and `HeaderValue`s: those share
+//! their storage with the server's read buffer (hyper's is 8 KiB), and a pending callback holding
+//! them would keep a whole buffer alive per request. The request target and the headers are
+//! copied into one small buffer, one allocation; the `Uri` and the `HeaderMap` are rebuilt from
+//! it on first use, inside the callback, off the response path. Cookies and single headers are
+//! read from the buffer directly.
 
 use std::fmt;
+use std::sync::OnceLock;
 
+use bytes::Bytes;
 use cookie::Cookie;
 use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 
 /// The method, URI, version and headers of a request, as they were when it entered
 /// [`AfterLayer`](crate::AfterLayer).
@@ -20,18 +27,47 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 /// `Set-Cookie`, so logging a snapshot does not leak credentials.
 pub struct RequestSnapshot {
     method: Method,
-    uri: Uri,
     version: Version,
-    headers: HeaderMap,
+    /// The request target, then each header as `name length, value length, name, value` (lengths
+    /// as little-endian `u32`).
+    raw: Box<[u8]>,
+    target_len: usize,
+    /// Rebuilt on first use; boxed so that an unused one costs a pointer, not its size.
+    uri: OnceLock<Box<Uri>>,
+    headers: OnceLock<Box<HeaderMap>>,
 }
+
+/// Bytes of a header's two lengths in `raw`.
+const LENGTHS: usize = 8;
 
 impl RequestSnapshot {
     pub(crate) fn new<B>(request: &Request<B>) -> Self {
+        let uri = request.uri();
+        let target = target_parts(uri);
+        let target_len: usize = target.iter().map(|part| part.len()).sum();
+        let headers_len: usize = request
+            .headers()
+            .iter()
+            .map(|(name, value)| LENGTHS + name.as_str().len() + value.len())
+            .sum();
+        let mut raw = Vec::with_capacity(target_len + headers_len);
+        for part in target {
+            raw.extend_from_slice(part.as_bytes());
+        }
+        for (name, value) in request.headers() {
+            // Header names and values are far below 4 GiB: hyper and h2 cap them in kilobytes.
+            raw.extend_from_slice(&(name.as_str().len() as u32).to_le_bytes());
+            raw.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            raw.extend_from_slice(name.as_str().as_bytes());
+            raw.extend_from_slice(value.as_bytes());
+        }
         Self {
             method: request.method().clone(),
-            uri: request.uri().clone(),
             version: request.version(),
-            headers: request.headers().clone(),
+            raw: raw.into_boxed_slice(),
+            target_len,
+            uri: OnceLock::new(),
+            headers: OnceLock::new(),
         }
     }
 
@@ -44,7 +80,10 @@ impl RequestSnapshot {
     /// The request URI, as it entered the layer (before any nesting strips a prefix).
     #[must_use]
     pub fn uri(&self) -> &Uri {
-        &self.uri
+        self.uri.get_or_init(|| {
+            // It was a valid URI when copied, so it parses again.
+            Box::new(Uri::try_from(&self.raw[..self.target_len]).unwrap_or_default())
+        })
     }
 
     /// The HTTP version.
@@ -54,9 +93,42 @@ impl RequestSnapshot {
     }
 
     /// The request headers.
+    ///
+    /// The map is rebuilt from the snapshot on first use; to read one header,
+    /// [`RequestSnapshot::header`] is cheaper.
     #[must_use]
     pub fn headers(&self) -> &HeaderMap {
-        &self.headers
+        self.headers.get_or_init(|| {
+            let shared = Bytes::copy_from_slice(&self.raw);
+            let mut map = HeaderMap::with_capacity(self.raw_headers().count());
+            let mut offset = self.target_len;
+            for (name, value) in self.raw_headers() {
+                let start = offset + LENGTHS + name.len();
+                offset = start + value.len();
+                // Both were valid in the request they were copied from.
+                let name = HeaderName::from_bytes(name);
+                let value = HeaderValue::from_maybe_shared(shared.slice(start..offset));
+                if let (Ok(name), Ok(value)) = (name, value) {
+                    map.append(name, value);
+                }
+            }
+            Box::new(map)
+        })
+    }
+
+    /// The first value of the header `name` (any case), if it is there and is UTF-8.
+    ///
+    /// ```
+    /// # use tower_after::RequestSnapshot;
+    /// fn agent(request: &RequestSnapshot) -> &str {
+    ///     request.header("user-agent").unwrap_or("-")
+    /// }
+    /// ```
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.values(name.as_bytes())
+            .next()
+            .and_then(|value| std::str::from_utf8(value).ok())
     }
 
     /// The value of the first cookie called `name`, as sent (not percent-decoded).
@@ -87,34 +159,69 @@ impl RequestSnapshot {
     /// }
     /// ```
     pub fn cookies(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.headers
-            .get_all(COOKIE)
-            .iter()
-            .flat_map(|header| header.as_bytes().split(|&byte| byte == b';'))
+        self.values(COOKIE.as_str().as_bytes())
+            .flat_map(|header| header.split(|&byte| byte == b';'))
             .filter_map(|pair| std::str::from_utf8(pair).ok())
             .filter_map(|pair| {
                 let cookie = Cookie::parse(pair).ok()?;
                 Some((cookie.name_raw()?, cookie.value_raw()?))
             })
     }
+
+    /// The values of the header `name`, compared without regard to case.
+    fn values<'a, 'n>(&'a self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        self.raw_headers()
+            .filter(move |(candidate, _)| candidate.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    }
+
+    /// Every header as `(name, value)` bytes, in order.
+    fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let mut rest = &self.raw[self.target_len..];
+        std::iter::from_fn(move || {
+            let (lengths, tail) = rest.split_at_checked(LENGTHS)?;
+            let (name_len, value_len) = lengths.split_at(LENGTHS / 2);
+            let name_len = u32::from_le_bytes(name_len.try_into().ok()?) as usize;
+            let value_len = u32::from_le_bytes(value_len.try_into().ok()?) as usize;
+            let (name, tail) = tail.split_at_checked(name_len)?;
+            let (value, tail) = tail.split_at_checked(value_len)?;
+            rest = tail;
+            Some((name, value))
+        })
+    }
+}
+
+/// The request target as string pieces: `scheme://authority/path?query`, or the parts of it the
+/// URI has.
+fn target_parts(uri: &Uri) -> [&str; 4] {
+    let path = uri.path_and_query().map_or("", |path| path.as_str());
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => [scheme, "://", authority.as_str(), path],
+        (None, Some(authority)) if path.is_empty() => [authority.as_str(), "", "", ""],
+        _ if path.is_empty() => ["/", "", "", ""],
+        _ => [path, "", "", ""],
+    }
 }
 
 /// Headers whose values are credentials, hidden from `Debug`.
-fn is_secret(name: &http::HeaderName) -> bool {
-    [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE].contains(name)
+fn is_secret(name: &[u8]) -> bool {
+    [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE]
+        .iter()
+        .any(|secret| secret.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 impl fmt::Debug for RequestSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        struct Headers<'a>(&'a HeaderMap);
+        struct Headers<'a>(&'a RequestSnapshot);
         impl fmt::Debug for Headers<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 let mut map = f.debug_map();
-                for (name, value) in self.0 {
-                    if is_secret(name) {
-                        map.entry(name, &"<redacted>");
+                for (name, value) in self.0.raw_headers() {
+                    let name = String::from_utf8_lossy(name);
+                    if is_secret(name.as_bytes()) {
+                        map.entry(&name, &"<redacted>");
                     } else {
-                        map.entry(name, value);
+                        map.entry(&name, &String::from_utf8_lossy(value));
                     }
                 }
                 map.finish()
@@ -122,9 +229,9 @@ impl fmt::Debug for RequestSnapshot {
         }
         f.debug_struct("RequestSnapshot")
             .field("method", &self.method)
-            .field("uri", &self.uri)
+            .field("uri", self.uri())
             .field("version", &self.version)
-            .field("headers", &Headers(&self.headers))
+            .field("headers", &Headers(self))
             .finish()
     }
 }
@@ -175,6 +282,40 @@ mod tests {
     #[test]
     fn no_cookie_header_means_no_cookies() {
         assert_eq!(snapshot(&[]).cookies().count(), 0);
+    }
+
+    #[test]
+    fn the_copy_keeps_target_headers_and_their_order() {
+        let request = Request::post("https://example.com:8443/orders/7?expand=items")
+            .header("user-agent", "probe/1.0")
+            .header("x-dup", "one")
+            .header("x-dup", "two")
+            .header("x-bytes", HeaderValue::from_bytes(b"caf\xe9").unwrap())
+            .body(())
+            .unwrap();
+        let snapshot = RequestSnapshot::new(&request);
+        assert_eq!(snapshot.method(), Method::POST);
+        assert_eq!(snapshot.uri(), request.uri());
+        assert_eq!(snapshot.headers(), request.headers());
+        assert_eq!(snapshot.header("User-Agent"), Some("probe/1.0"));
+        assert_eq!(snapshot.header("x-dup"), Some("one"));
+        assert_eq!(snapshot.header("x-bytes"), None, "not UTF-8");
+        assert_eq!(snapshot.header("missing"), None);
+    }
+
+    #[test]
+    fn every_form_of_request_target_survives() {
+        for target in [
+            "/",
+            "/a/b?c=d&e",
+            "*",
+            "http://example.com/x?y",
+            "example.com:443",
+        ] {
+            let request = Request::builder().uri(target).body(()).unwrap();
+            let snapshot = RequestSnapshot::new(&request);
+            assert_eq!(snapshot.uri(), request.uri(), "{target}");
+        }
     }
 
     #[test]

@@ -1,0 +1,553 @@
+//! Run with
+//!
+//! ```not_rust
+//! bash benches/load.sh                 # installs wrk if missing, then runs this
+//! cargo run --release --example loadtest -- [--rounds 5] [--seconds 5] [--only a,b]
+//! ```
+//!
+//! To profile one variant: `loadtest serve VARIANT --exit-after SECONDS` prints its address and
+//! serves until then, e.g. under `valgrind --tool=callgrind`, while `wrk` loads it.
+//!
+//! An HTTP load benchmark of `AfterLayer` against what users would otherwise write, on the same
+//! machine and in the same run. Each server variant runs in its own process with a single Tokio
+//! worker thread pinned to CPU 0; `wrk` (one thread, 64 connections) is pinned to CPU 1. The
+//! variants take turns, in a rotating order, over several rounds; the report gives medians and
+//! the ratio of each variant to its baseline in every round, since on a shared machine a single
+//! absolute figure means little.
+//!
+//! A last phase drives the one-callback variant at half its saturating rate with an open-loop
+//! client and reports how long callbacks waited between the end of their response and their
+//! start. Every server reports its peak resident memory.
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use tower_after::{After, AfterLayer};
+
+/// The server variants, in the order they are reported.
+const VARIANTS: &[(&str, &str)] = &[
+    ("bare", "bare axum hello world"),
+    ("after", "+ AfterLayer, no callback"),
+    ("after-callback", "+ AfterLayer, one callback per request"),
+    ("spawn", "tokio::spawn in the handler"),
+    ("after-sleep", "+ AfterLayer, one 50 ms sleeping callback"),
+    ("spawn-sleep", "tokio::spawn of a 50 ms sleep"),
+    (
+        "after-sleep-limit",
+        "+ AfterLayer, 50 ms callbacks, limit 64",
+    ),
+];
+
+/// Each ratio reported: variant, baseline, what is compared, target.
+const RATIOS: &[(&str, &str, Metric, &str)] = &[
+    ("after", "bare", Metric::Throughput, ">= 0.98"),
+    ("after-callback", "spawn", Metric::Throughput, ">= 0.97"),
+    ("after-sleep", "spawn-sleep", Metric::P99, "<= 1.05"),
+    (
+        "after-sleep-limit",
+        "after-sleep",
+        Metric::Throughput,
+        "(limit's cost)",
+    ),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    Throughput,
+    P99,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1], exit_after(&args[2..])),
+        Some("drive") => drive(&args[1..]),
+        _ => orchestrate(&args),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The servers
+
+#[derive(Default)]
+struct Probe {
+    /// Callbacks (or spawned tasks) that ran.
+    ran: AtomicU64,
+    /// Wait from the end of the response to the start of the callback, by microsecond bucket.
+    delays: DelayHistogram,
+}
+
+/// `--exit-after SECONDS`: lets a profiler see a clean exit.
+fn exit_after(args: &[String]) -> Option<Duration> {
+    match args {
+        [flag, seconds] if flag == "--exit-after" => Some(Duration::from_secs(
+            seconds.parse().expect("--exit-after takes seconds"),
+        )),
+        _ => None,
+    }
+}
+
+fn serve(variant: &str, exit_after: Option<Duration>) {
+    // The multi-thread scheduler, as under `#[tokio::main]`, with a single worker thread.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    runtime.block_on(async {
+        let probe = Arc::new(Probe::default());
+        let app = app(variant, probe.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port on 127.0.0.1");
+        println!("{}", listener.local_addr().expect("a local address"));
+        let stop = async move {
+            match exit_after {
+                Some(after) => tokio::time::sleep(after).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = axum::serve(listener, app).into_future() => served.expect("the server runs"),
+            () = stop => {}
+        }
+    });
+    // Return at once, without waiting for open connections: a profiler sees a clean exit.
+    runtime.shutdown_background();
+}
+
+fn app(variant: &str, probe: Arc<Probe>) -> Router {
+    async fn hello() -> &'static str {
+        "Hello, World!"
+    }
+    async fn stats(State(probe): State<Arc<Probe>>) -> String {
+        format!(
+            "ran {}\npeak_rss_kib {}\n{}",
+            probe.ran.load(Ordering::Relaxed),
+            peak_rss_kib(),
+            probe.delays.render()
+        )
+    }
+    async fn after_callback(State(probe): State<Arc<Probe>>, after: After) -> &'static str {
+        after.run_with(move |ctx| async move {
+            probe.delays.record(ctx.outcome().finished_at().elapsed());
+            probe.ran.fetch_add(1, Ordering::Relaxed);
+        });
+        "Hello, World!"
+    }
+    async fn spawn(State(probe): State<Arc<Probe>>) -> &'static str {
+        tokio::spawn(async move {
+            probe.ran.fetch_add(1, Ordering::Relaxed);
+        });
+        "Hello, World!"
+    }
+    async fn after_sleep(State(probe): State<Arc<Probe>>, after: After) -> &'static str {
+        after.run(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            probe.ran.fetch_add(1, Ordering::Relaxed);
+        });
+        "Hello, World!"
+    }
+    async fn spawn_sleep(State(probe): State<Arc<Probe>>) -> &'static str {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            probe.ran.fetch_add(1, Ordering::Relaxed);
+        });
+        "Hello, World!"
+    }
+
+    let stats_route = Router::new()
+        .route("/__stats", get(stats))
+        .with_state(probe.clone());
+    let route = |handler| Router::new().route("/", handler).with_state(probe.clone());
+    let router = match variant {
+        "bare" => route(get(hello)),
+        "after" => route(get(hello)).layer(AfterLayer::new()),
+        "after-callback" => route(get(after_callback)).layer(AfterLayer::new()),
+        "spawn" => route(get(spawn)),
+        "after-sleep" => route(get(after_sleep)).layer(AfterLayer::new()),
+        "spawn-sleep" => route(get(spawn_sleep)),
+        "after-sleep-limit" => {
+            route(get(after_sleep)).layer(AfterLayer::new().concurrency_limit(64))
+        }
+        other => panic!("unknown variant {other:?}"),
+    };
+    router.merge(stats_route)
+}
+
+/// Counts of delays by power-of-two microsecond bucket: bucket `i` holds delays below `2^i` µs.
+struct DelayHistogram([AtomicU64; 32]);
+
+impl Default for DelayHistogram {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl DelayHistogram {
+    fn record(&self, delay: Duration) {
+        let micros = delay.as_micros().min(u128::from(u32::MAX)) as u32;
+        let bucket = (32 - micros.leading_zeros()) as usize;
+        self.0[bucket.min(31)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self) -> String {
+        let counts: Vec<String> = self
+            .0
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed).to_string())
+            .collect();
+        format!("delays {}\n", counts.join(" "))
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The open-loop client for the delay measurement
+
+/// `drive ADDRESS RATE SECONDS`: sends GET / at a fixed total rate over 16 connections.
+fn drive(args: &[String]) {
+    let address: SocketAddr = args[0].parse().expect("an address");
+    let rate: f64 = args[1].parse().expect("a rate");
+    let seconds: u64 = args[2].parse().expect("seconds");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    runtime.block_on(async move {
+        const CONNECTIONS: usize = 16;
+        let period = Duration::from_secs_f64(CONNECTIONS as f64 / rate);
+        let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = tokio::task::JoinSet::new();
+        for connection in 0..CONNECTIONS {
+            tasks.spawn(async move {
+                let stream = tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect");
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+                    _,
+                    http_body_util::Empty<bytes::Bytes>,
+                >(io)
+                .await
+                .expect("handshake");
+                tokio::spawn(conn);
+                let start = tokio::time::Instant::now()
+                    + period.mul_f64(connection as f64 / CONNECTIONS as f64);
+                let mut ticks = tokio::time::interval_at(start, period);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                while tokio::time::Instant::now() < end {
+                    ticks.tick().await;
+                    let request = http::Request::get("/")
+                        .header("host", "localhost")
+                        .body(http_body_util::Empty::new())
+                        .expect("a request");
+                    let response = sender.send_request(request).await.expect("a response");
+                    http_body_util::BodyExt::collect(response.into_body())
+                        .await
+                        .expect("a body");
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The orchestrator
+
+struct Options {
+    rounds: usize,
+    seconds: u64,
+    only: Option<Vec<String>>,
+}
+
+fn options(args: &[String]) -> Options {
+    let mut options = Options {
+        rounds: 5,
+        seconds: 5,
+        only: None,
+    };
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| panic!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--rounds" => options.rounds = value().parse().expect("--rounds takes a number"),
+            "--seconds" => options.seconds = value().parse().expect("--seconds takes a number"),
+            "--only" => options.only = Some(value().split(',').map(str::to_owned).collect()),
+            other => panic!("unknown option {other:?}; see the top of examples/loadtest.rs"),
+        }
+    }
+    options
+}
+
+struct Server {
+    child: Child,
+    address: SocketAddr,
+}
+
+impl Server {
+    fn start(variant: &str) -> Self {
+        let exe = std::env::current_exe().expect("the path of this program");
+        let mut child = Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(exe)
+            .args(["serve", variant])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("taskset (util-linux) to start the server on CPU 0");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("the server's address");
+        let address = line.trim().parse().expect("the server prints its address");
+        Self { child, address }
+    }
+
+    fn stats(&self) -> BTreeMap<String, String> {
+        let mut stream = TcpStream::connect(self.address).expect("connect for stats");
+        write!(
+            stream,
+            "GET /__stats HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+        )
+        .expect("ask for stats");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read stats");
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        body.lines()
+            .filter_map(|line| line.split_once(' '))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    peak_rss_kib: f64,
+}
+
+fn wrk(address: SocketAddr, seconds: u64) -> (f64, f64, f64) {
+    let output = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", "-c64"])
+        .arg(format!("-d{seconds}s"))
+        .arg("--latency")
+        .arg(format!("http://{address}/"))
+        .output()
+        .expect("wrk to run (install it with `apt-get install wrk`, or run benches/load.sh)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |prefix: &str| -> Option<&str> {
+        let line = text
+            .lines()
+            .find(|line| line.trim_start().starts_with(prefix))?;
+        line.split_whitespace().nth(1)
+    };
+    let throughput = field("Requests/sec:")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no throughput in wrk's output:\n{text}"));
+    let latency = |prefix| field(prefix).map_or(f64::NAN, parse_wrk_duration);
+    (throughput, latency("50%"), latency("99%"))
+}
+
+/// wrk prints `812.00us`, `1.23ms` or `2.01s`; in milliseconds.
+fn parse_wrk_duration(text: &str) -> f64 {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        "m" => number * 60_000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
+}
+
+fn orchestrate(args: &[String]) {
+    let options = options(args);
+    for tool in ["wrk", "taskset"] {
+        let found = Command::new(tool).arg("--version").output().is_ok();
+        assert!(
+            found,
+            "`{tool}` is missing: install it with `apt-get install wrk util-linux`, or run benches/load.sh"
+        );
+    }
+    let variants: Vec<&str> = VARIANTS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| {
+            options
+                .only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|o| o == name))
+        })
+        .collect();
+    println!(
+        "{} variants x {} rounds x {} s; server on CPU 0 (1 worker thread), wrk on CPU 1",
+        variants.len(),
+        options.rounds,
+        options.seconds
+    );
+
+    let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+    for round in 0..options.rounds {
+        // Rotate the order, so that no variant always runs first or last.
+        let mut order = variants.clone();
+        order.rotate_left(round % variants.len());
+        for variant in order {
+            let server = Server::start(variant);
+            wrk(server.address, 1); // warm up
+            let (throughput, p50_ms, p99_ms) = wrk(server.address, options.seconds);
+            let stats = server.stats();
+            let peak_rss_kib = stats
+                .get("peak_rss_kib")
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(f64::NAN);
+            eprintln!(
+                "round {} {variant:<18} {throughput:>10.0} req/s  p50 {p50_ms:>7.3} ms  p99 {p99_ms:>7.3} ms",
+                round + 1
+            );
+            runs.entry(variant).or_default().push(Run {
+                throughput,
+                p50_ms,
+                p99_ms,
+                peak_rss_kib,
+            });
+        }
+    }
+
+    println!("\n| variant | req/s (median) | p50 ms | p99 ms | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, label) in VARIANTS {
+        let Some(list) = runs.get(name) else { continue };
+        let pick = |f: fn(&Run) -> f64| median(&mut list.iter().map(f).collect::<Vec<_>>());
+        println!(
+            "| {label} | {:.0} | {:.3} | {:.3} | {:.1} |",
+            pick(|run| run.throughput),
+            pick(|run| run.p50_ms),
+            pick(|run| run.p99_ms),
+            pick(|run| run.peak_rss_kib) / 1024.0,
+        );
+    }
+
+    println!("\n| ratio | per round | median | target |");
+    println!("|---|---|---:|---|");
+    for (variant, baseline, metric, target) in RATIOS {
+        let (Some(a), Some(b)) = (runs.get(variant), runs.get(baseline)) else {
+            continue;
+        };
+        let value = |run: &Run| match metric {
+            Metric::Throughput => run.throughput,
+            Metric::P99 => run.p99_ms,
+        };
+        let mut per_round: Vec<f64> = a.iter().zip(b).map(|(a, b)| value(a) / value(b)).collect();
+        let listed: Vec<String> = per_round
+            .iter()
+            .map(|ratio| format!("{ratio:.3}"))
+            .collect();
+        let what = match metric {
+            Metric::Throughput => "throughput",
+            Metric::P99 => "p99 latency",
+        };
+        println!(
+            "| {what} {variant} / {baseline} | {} | {:.3} | {target} |",
+            listed.join(" "),
+            median(&mut per_round)
+        );
+    }
+
+    if variants.contains(&"after-callback") {
+        if let Some(list) = runs.get("after-callback") {
+            let saturating = median(&mut list.iter().map(|run| run.throughput).collect::<Vec<_>>());
+            delay_phase(saturating / 2.0, options.seconds.max(5));
+        }
+    }
+}
+
+/// Drives the one-callback variant at `rate` and reports the callback start delay.
+fn delay_phase(rate: f64, seconds: u64) {
+    let server = Server::start("after-callback");
+    let exe = std::env::current_exe().expect("the path of this program");
+    let status = Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(exe)
+        .args([
+            "drive",
+            &server.address.to_string(),
+            &rate.to_string(),
+            &seconds.to_string(),
+        ])
+        .status()
+        .expect("the open-loop client");
+    assert!(status.success(), "the open-loop client failed");
+    let stats = server.stats();
+    let counts: Vec<u64> = stats
+        .get("delays")
+        .map(|line| {
+            line.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let total: u64 = counts.iter().sum();
+    let percentile = |p: f64| {
+        let wanted = (total as f64 * p).ceil() as u64;
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= wanted {
+                return 1_u64 << bucket;
+            }
+        }
+        u64::MAX
+    };
+    println!(
+        "\nCallback start delay at {rate:.0} req/s (half the saturating rate), {total} callbacks: \
+         p50 < {} us, p99 < {} us, p99.9 < {} us (power-of-two buckets; target: p99 < 100 us)",
+        percentile(0.50),
+        percentile(0.99),
+        percentile(0.999),
+    );
+}
