@@ -99,6 +99,9 @@ fn app(probes: &Probes) -> (Router, AfterTasks) {
             let p = probes.clone();
             get(|after: After| async move {
                 record(&after, &p.journal);
+                // A callback still pending must not keep the body alive.
+                let gate = p.gate.clone();
+                after.run(async move { drop(gate.acquire().await.unwrap()) });
                 let flag = DropFlag(p.stream_dropped.clone());
                 let ticks = futures_util::stream::unfold(flag, |flag| async move {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -207,10 +210,12 @@ async fn a_client_leaving_mid_stream_aborts_and_frees_the_body() {
         (Some(200), Completion::Aborted)
     );
     assert!(seen[0].body_bytes >= 5);
+    assert_eq!(tasks.pending(), 1, "the gated callback is still pending");
     assert!(
         probes.stream_dropped.load(Ordering::SeqCst),
-        "the body outlived the connection"
+        "a pending callback kept the body alive"
     );
+    probes.gate.add_permits(1);
     idle(&tasks).await;
 }
 
