@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::scope::{Job, Plain, Scope, Start, WithContext, Work};
-use crate::AfterContext;
+use crate::{AfterContext, RequestSnapshot};
 
 tokio::task_local! {
     static CURRENT: After;
@@ -141,6 +141,18 @@ impl After {
     #[must_use]
     pub fn try_current() -> Option<Self> {
         CURRENT.try_with(Self::clone).ok()
+    }
+
+    /// The request as it entered the layer: the same snapshot its callbacks see.
+    ///
+    /// ```
+    /// # fn example(after: tower_after::After) {
+    /// let session = after.request().cookie("session-id").unwrap_or("anonymous");
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn request(&self) -> &RequestSnapshot {
+        &self.scope.snapshot
     }
 
     /// Runs `future` once the response has finished.
