@@ -1,13 +1,22 @@
-//! Run work after the response is sent: Next.js's [`after()`] for axum, Tower and hyper.
+//! Run work after the response is sent: Next.js's
+//! [`after()`](https://nextjs.org/docs/app/api-reference/functions/after) for axum, Tower and hyper.
 //!
 //! Handlers often have work that must not hold up the response: logging, analytics, audit
 //! trails, cache warming, notifications. With `tower-after`, a handler registers that work on
 //! its request's [`After`] handle; [`AfterLayer`] runs it once the response has been sent, also
-//! when the handler failed or the client went away, and lets the server drain it at shutdown.
+//! when the handler failed or the client went away, with a snapshot of the request's headers and
+//! cookies, under a per-route time budget, and lets the server drain it at shutdown.
+//!
+//! `tokio::spawn` in a handler starts the work too early (before the response is out) and loses
+//! it at shutdown; tower-http's `on_eos` runs synchronously inside the server's poll and misses
+//! clients that leave. This crate fills the gap.
+//!
+//! # Quick start
 //!
 //! ```
 //! use std::time::Duration;
-//! use axum::{routing::{get, post}, Router};
+//! use axum::{body::Body, http::Request, routing::{get, post}, Router};
+//! use tower::ServiceExt;
 //! use tower_after::{After, AfterLayer, MaxDuration};
 //!
 //! async fn handler(after: After) -> &'static str {
@@ -20,25 +29,95 @@
 //!
 //! async fn report() -> &'static str { "started" }
 //!
-//! let app: Router = Router::new()
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let layer = AfterLayer::new();
+//! let tasks = layer.tasks();
+//! let app = Router::new()
 //!     .route("/", post(handler))
 //!     .route("/report", get(report).layer(MaxDuration::new(Duration::from_secs(120))))
-//!     .layer(AfterLayer::new());
+//!     .layer(layer);
+//!
+//! // Here one request through `oneshot`; a server would use `axum::serve`.
+//! let request = Request::post("/").header("cookie", "session-id=alice").body(Body::empty()).unwrap();
+//! let response = app.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), 200);
+//! drop(response); // the response is finished: its callback starts now
+//!
+//! // At shutdown, once the server has stopped: let pending callbacks finish.
+//! let report = tasks.shutdown(Duration::from_secs(10)).await;
+//! assert_eq!(report.completed(), 1);
+//! # }
 //! ```
+//!
+//! Anywhere in the request's task, [`after(future)`](after()) is short for
+//! `After::current().run(future)`. Without axum, read [`After`] from the request extensions.
 //!
 //! # The mental model
 //!
 //! - [`AfterLayer`] opens a scope for each request: a [`RequestSnapshot`] of its method, URI,
 //!   headers and cookies, and a queue of callbacks.
 //! - The handler (or anything in its task) adds to the queue through [`After`]:
-//!   [`run`](After::run), [`run_with`](After::run_with), [`wait_until`](After::wait_until), or
-//!   the free function [`after()`].
+//!   [`run`](After::run), [`run_with`](After::run_with), [`run_blocking`](After::run_blocking),
+//!   [`wait_until`](After::wait_until), or the free function [`after()`].
 //! - The response body is wrapped in an [`AfterBody`] that notices its end: the last frame, an
 //!   error, or being dropped because the client left. Then the queue is handed to a Tokio task,
 //!   which starts the callbacks in order, runs them concurrently, and gives each an
 //!   [`AfterContext`] with the snapshot and the [`Outcome`].
 //! - The callbacks share a budget, counted from the end of the response ([`MaxDuration`]);
 //!   [`AfterTasks::shutdown`] drains them when the server stops.
+//!
+//! # When callbacks run
+//!
+//! | the response…                                          | the callbacks see                          |
+//! |--------------------------------------------------------|--------------------------------------------|
+//! | was sent to its end                                    | its status, [`Completion::Complete`]       |
+//! | has no body (`HEAD`, `204`, `304`) and was handed over  | its status, [`Completion::Complete`]       |
+//! | failed mid-body (the body yielded an error)            | its status, [`Completion::BodyError`]      |
+//! | was dropped mid-body: the client left                  | its status, [`Completion::Aborted`]        |
+//! | never came: the client left while the handler ran     | no status, [`Completion::Aborted`]         |
+//! | never came: the inner service failed or panicked       | no status, [`Completion::Failed`]          |
+//!
+//! In every case the callbacks run exactly once, never before the response is finished, and
+//! never inside the server's poll of the response or its `Drop`: they run on a Tokio task of their
+//! own, so a slow callback delays neither its response nor the next request on the connection.
+//! A panicking callback is caught and logged (`ERROR`, with method and path); the others still run.
+//!
+//! # Next.js → tower-after
+//!
+//! | Next.js                                   | tower-after                                                   |
+//! |-------------------------------------------|---------------------------------------------------------------|
+//! | `after(callback)`                         | [`after()`], [`After::run`], [`After::run_with`]              |
+//! | `waitUntil(promise)`, `after(promise)`    | [`After::wait_until`]: starts now, budgeted and drained       |
+//! | `headers()`, `cookies()` inside `after`   | [`AfterContext::request`]: [`RequestSnapshot::headers`], [`RequestSnapshot::cookie`] |
+//! | `maxDuration`                             | [`MaxDuration`] on a route, [`AfterLayer::max_duration`] for all |
+//! | draining on `SIGTERM`                     | [`AfterTasks::shutdown`] after `with_graceful_shutdown` returns |
+//! | "`after` was called outside a request scope" | [`After::current`] panics naming `AfterLayer`; [`After::try_current`] is `None` |
+//!
+//! # Where to put the layer
+//!
+//! Add `AfterLayer` last (outermost) on the router, so that every route, fallback and middleware
+//! is inside it. Then, relative to tower-http's layers:
+//! - `CatchPanicLayer` **inside** `AfterLayer`: callbacks see the `500` it makes. Outside, a
+//!   panicking handler is seen as [`Completion::Failed`] with no status.
+//! - `TimeoutLayer` **inside**: a timed-out request's callbacks still run and see its status.
+//! - `CompressionLayer` inside: [`Outcome::body_bytes`] counts compressed bytes; outside, the
+//!   uncompressed ones. Both work.
+//! - `TraceLayer` either side: callbacks log inside the span current where they were
+//!   registered, so their lines carry the request's span.
+//! - [`MaxDuration`] must be inside `AfterLayer`, which is where a route's `.layer()` puts it.
+//!
+//! # Guarantees, and what they do not cover
+//!
+//! Every callback registered runs exactly once, or is cancelled by a budget or a shutdown grace
+//! period you chose, which the log then reports (`WARN`, naming the request and the count).
+//! Callbacks live in the server's memory: a crash, `kill -9` or a power cut loses those that had
+//! not run. Work that must survive that belongs in a durable queue (a database table, a message
+//! broker) written *before* the response; use `after` to enqueue it, or for best-effort work.
+//!
+//! Callbacks need a Tokio runtime with its time driver enabled (as under `#[tokio::main]`).
+//! A response finished on a thread without a runtime has its callbacks dropped, with an error in
+//! the log, rather than a panic.
 //!
 //! # Feature flags
 //!
@@ -98,8 +177,9 @@
 //!
 //! The budget must stay below the function's timeout, which Lambda enforces on the whole
 //! invocation, callbacks included.
-//!
-//! [`after()`]: https://nextjs.org/docs/app/api-reference/functions/after
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod after;
 mod body;
