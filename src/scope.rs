@@ -277,18 +277,22 @@ impl Scope {
         } else {
             drop(state);
         }
-        // Dropped outside the lock: its `Drop` may register more work.
-        if replaced.is_some() {
-            self.shared.ended(Ended::Forgotten, 1);
-        }
+        self.drop_forgotten(replaced);
     }
 
     pub(crate) fn forget(&self, name: &str) -> bool {
         let forgotten = self.state().take_named(name);
-        if forgotten.is_some() {
+        let found = forgotten.is_some();
+        self.drop_forgotten(forgotten);
+        found
+    }
+
+    /// Drops a forgotten or replaced job outside the lock, then counts it.
+    fn drop_forgotten(&self, job: Option<Job>) {
+        if let Some(job) = job {
+            drop_quietly(self, job);
             self.shared.ended(Ended::Forgotten, 1);
         }
-        forgotten.is_some()
     }
 
     /// Marks the response as finished and hands its callbacks to a driver. Called exactly once,
@@ -445,6 +449,8 @@ pin_project! {
         shutdown: WaitForCancellationFutureOwned,
         #[pin]
         budget: Option<Sleep>,
+        // The runtime has no time driver: the budget cannot be enforced.
+        untimed: bool,
     }
 }
 
@@ -459,9 +465,21 @@ impl Watch {
         if this.shutdown.poll(cx).is_ready() {
             return Some(Stop::Shutdown);
         }
-        let deadline = deadline?;
+        let deadline = deadline.filter(|_| !*this.untimed)?;
         if this.budget.is_none() {
-            this.budget.set(Some(tokio::time::sleep_until(deadline)));
+            // Tokio panics when the runtime was built without its time driver: rather than lose
+            // the callbacks, run them without a budget and say so.
+            match catch_unwind(|| tokio::time::sleep_until(deadline)) {
+                Ok(sleep) => this.budget.set(Some(sleep)),
+                Err(_) => {
+                    *this.untimed = true;
+                    tracing::error!(
+                        "after callbacks run without their max duration: the Tokio runtime has \
+                         no time driver (build it with `enable_time()` or `enable_all()`)"
+                    );
+                    return None;
+                }
+            }
         }
         let budget = this.budget.as_pin_mut()?;
         budget.poll(cx).is_ready().then_some(Stop::Budget)
@@ -472,11 +490,20 @@ impl Watch {
 fn cancel(scope: &Arc<Scope>, running: &mut Callbacks, how: Ended) -> usize {
     let (early, queue) = scope.abandon();
     let count = running.len() + early.len() + queue.len();
-    // Dropped outside the lock: a callback's `Drop` may register more work.
-    running.clear();
-    drop((early, queue));
+    let dropped = mem::take(running);
+    // Outside the lock (a callback's `Drop` may register more work), before counting (so that
+    // `idle()` cannot see zero while such work is on its way), and with a panicking `Drop` caught
+    // (so that the count is never skipped).
+    drop_quietly(scope, (dropped, early, queue));
     scope.shared.ended(how, count);
     count
+}
+
+/// Drops `value`, catching and logging a panic in a user's `Drop`.
+fn drop_quietly<T>(scope: &Scope, value: T) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(value))) {
+        log_panic(scope, &*panic);
+    }
 }
 
 impl Future for DriverTask {
@@ -485,7 +512,15 @@ impl Future for DriverTask {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
         let scope = &*this.scope;
+        // A callback that keeps registering work that ends at once would keep this loop busy:
+        // hand the thread back now and then.
+        let mut turns = 0_u32;
         loop {
+            turns += 1;
+            if turns > 128 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             let Some(intake) = scope.intake(cx.waker(), this.running.is_empty()) else {
                 *this.done = true;
                 return Poll::Ready(());
@@ -542,6 +577,7 @@ impl Future for DriverTask {
             Box::pin(Watch {
                 shutdown: scope.shared.shutdown.clone().cancelled_owned(),
                 budget: None,
+                untimed: false,
             })
         });
         match watch.as_mut().poll_stop(*this.deadline, cx) {
@@ -620,13 +656,6 @@ impl Callbacks {
 
     fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn clear(&mut self) {
-        self.first = None;
-        if let Some(rest) = &mut self.rest {
-            rest.clear();
-        }
     }
 
     /// The next callback to end, `None` when none is left, or pending.
@@ -1261,5 +1290,95 @@ mod tests {
         let stats = tasks.stats();
         assert_eq!((stats.completed(), stats.panicked()), (2, 1));
         assert_eq!(logs.lines_with("blocking bug").len(), 1);
+    }
+
+    /// Panics when dropped: user code the layer must survive.
+    struct PanicOnDrop;
+
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("a user Drop that panics");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_drop_during_cancellation_is_still_counted() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        serve(&layer, |after| {
+            after.run(async {
+                let _guard = PanicOnDrop;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        })
+        .await;
+        drained(&tasks).await;
+        assert_eq!(tasks.stats().timed_out(), 1);
+        assert_eq!(logs.lines_with("a user Drop that panics").len(), 1);
+    }
+
+    #[test]
+    fn without_a_time_driver_callbacks_still_run_unbudgeted() {
+        let logs = Logs::capture();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let layer = AfterLayer::new();
+            let tasks = layer.tasks();
+            let (release, released) = oneshot::channel::<()>();
+            let done = Arc::new(AtomicBool::new(false));
+            let flag = done.clone();
+            serve(&layer, move |after| {
+                after.run(async move {
+                    released.await.unwrap();
+                    flag.store(true, Ordering::SeqCst);
+                });
+            })
+            .await;
+            settle().await;
+            release.send(()).unwrap();
+            tasks.idle().await;
+            assert!(done.load(Ordering::SeqCst));
+        });
+        assert_eq!(logs.lines_with("no time driver").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_callback_that_keeps_registering_work_does_not_starve_the_thread() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let other_ran = Arc::new(AtomicBool::new(false));
+        let seen_other = Arc::new(AtomicBool::new(false));
+
+        fn chain(left: u32, other_ran: Arc<AtomicBool>, seen_other: Arc<AtomicBool>) {
+            After::current().run(async move {
+                if left == 0 {
+                    seen_other.store(other_ran.load(Ordering::SeqCst), Ordering::SeqCst);
+                } else {
+                    chain(left - 1, other_ran, seen_other);
+                }
+            });
+        }
+
+        let (other, seen) = (other_ran.clone(), seen_other.clone());
+        serve(&layer, move |after| {
+            after.run(async move {
+                // Another task on this thread, which only runs if the driver yields.
+                let flag = other.clone();
+                tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+                chain(2_000, other, seen);
+            });
+        })
+        .await;
+        drained(&tasks).await;
+        assert!(
+            seen_other.load(Ordering::SeqCst),
+            "the driver never yielded"
+        );
+        assert_eq!(tasks.stats().completed(), 2_002);
     }
 }

@@ -257,9 +257,10 @@ impl AfterTasks {
             shared.shutdown.cancel();
             // Every driver reacts to the cancellation at once; wait for them to settle. Callbacks
             // still queued behind an unfinished response are not in a driver yet.
+            // The tracker stays closed: the layer is shutting down, and a second drain must not
+            // wait for a reopened tracker to close again.
             shared.drivers.close();
             shared.drivers.wait().await;
-            shared.drivers.reopen();
             left_queued = shared.pending();
         }
         let after = shared.stats();
@@ -617,5 +618,20 @@ mod tests {
         assert_eq!(totals.get("tower_after_callbacks_panicked_total"), 0);
         // A gauge stores its f64 bits; back at zero, they are all zero.
         assert_eq!(totals.get("tower_after_callbacks_running"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_shutdowns_both_return() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicUsize::new(0));
+        serve_sleepers(&layer, 3, Duration::from_secs(10), &done).await;
+        let (first, second) = tokio::join!(
+            tasks.shutdown(Duration::from_secs(1)),
+            tasks.shutdown(Duration::from_secs(2)),
+        );
+        assert_eq!(first.cancelled() + first.completed(), 3);
+        assert_eq!(second.completed(), 0);
+        assert_eq!(tasks.pending(), 0);
     }
 }
