@@ -95,7 +95,11 @@ impl AfterLayer {
     /// budget (cancelled, without running, if that runs out first) and to the shutdown drain.
     /// `wait_until` futures count too, once they start.
     ///
-    /// Use it to bound the memory and the downstream load of bursts of slow callbacks.
+    /// Use it to bound the load that callbacks put on what they call (a database, an API). It
+    /// bounds how many callbacks *run*, not how many *wait*: under sustained overload the waiting
+    /// ones accumulate, each holding its request's snapshot, until their budget runs out, so pair
+    /// it with a [`max_duration`](AfterLayer::max_duration) that matches how long waiting is
+    /// still useful.
     ///
     /// ```
     /// let layer = tower_after::AfterLayer::new().concurrency_limit(64);
