@@ -156,17 +156,34 @@ mod tests {
         After::current().run_with(move |ctx| async move { seen.record(*ctx.outcome()) });
     }
 
-    #[tokio::test]
-    async fn an_inner_error_fails_the_request() {
-        let (layer, seen) = (AfterLayer::new(), Seen::default());
+    /// A service whose handler registers a recording callback, then ends with `end`.
+    fn ending_with<E, F>(
+        seen: &Seen,
+        end: fn() -> F,
+    ) -> impl tower::Service<
+        Request<()>,
+        Response = Response<crate::AfterBody<Body>>,
+        Error = E,
+        Future: Send,
+    >
+    where
+        F: std::future::Future<Output = Result<Response<Body>, E>> + Send + 'static,
+        E: Send + 'static,
+    {
         let recorder = seen.clone();
-        let service = layer.layer(service_fn(move |_: Request<()>| {
+        AfterLayer::new().layer(service_fn(move |_: Request<()>| {
             let recorder = recorder.clone();
             async move {
                 record_current(&recorder);
-                Err::<Response<Body>, _>(io::Error::other("backend down"))
+                end().await
             }
-        }));
+        }))
+    }
+
+    #[tokio::test]
+    async fn an_inner_error_fails_the_request() {
+        let seen = Seen::default();
+        let service = ending_with(&seen, || async { Err(io::Error::other("backend down")) });
         let error = service.oneshot(Request::new(())).await.unwrap_err();
         assert_eq!(error.to_string(), "backend down");
         let outcome = seen.one().await;
@@ -176,18 +193,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_fails_the_request_and_still_panics() {
-        let (layer, seen) = (AfterLayer::new(), Seen::default());
-        let recorder = seen.clone();
-        let service = layer.layer(service_fn(move |_: Request<()>| {
-            let recorder = recorder.clone();
-            async move {
-                record_current(&recorder);
-                if recorder.all().is_empty() {
-                    panic!("handler bug");
-                }
-                Ok::<Response<Body>, Infallible>(Response::new(Empty::new()))
-            }
-        }));
+        let seen = Seen::default();
+        let service = ending_with::<Infallible, _>(&seen, || async { panic!("handler bug") });
         let joined = tokio::spawn(service.oneshot(Request::new(()))).await;
         assert!(
             joined.unwrap_err().is_panic(),
@@ -200,15 +207,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_dropped_before_its_response_is_aborted() {
-        let (layer, seen) = (AfterLayer::new(), Seen::default());
-        let recorder = seen.clone();
-        let service = layer.layer(service_fn(move |_: Request<()>| {
-            let recorder = recorder.clone();
-            async move {
-                record_current(&recorder);
-                pending::<Result<Response<Body>, Infallible>>().await
-            }
-        }));
+        let seen = Seen::default();
+        let service = ending_with::<Infallible, _>(&seen, pending);
         let mut future = Box::pin(service.oneshot(Request::new(())));
         assert!(futures_util::poll!(future.as_mut()).is_pending());
         settle().await;
