@@ -306,4 +306,36 @@ mod tests {
         assert!(body.frame().await.is_none());
         assert_eq!(seen.one().await.completion(), Completion::Complete);
     }
+
+    #[test]
+    fn a_body_dropped_outside_any_runtime_drops_its_callbacks_without_panicking() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let tasks = layer.tasks();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let service = recording(&layer, &seen, || {
+            Response::new(Full::new(bytes::Bytes::from("x")))
+        });
+        let response = runtime.block_on(service.oneshot(Request::new(()))).unwrap();
+        drop(runtime);
+        assert_eq!(tasks.pending(), 1);
+        // On a thread with no runtime at all.
+        let errors = std::thread::spawn(move || {
+            let logs = crate::test_util::Logs::capture();
+            drop(response);
+            logs.lines_with("no Tokio runtime")
+        })
+        .join()
+        .expect("no panic");
+        assert_eq!(tasks.pending(), 0);
+        assert_eq!(tasks.stats().cancelled(), 1);
+        assert!(seen.all().is_empty());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("ERROR") && errors[0].contains("cancelled=1"),
+            "{errors:?}"
+        );
+    }
 }
