@@ -5,7 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::scope::{Job, Plain, Scope, Start, WithContext, Work};
+use crate::callback::{Plain, WithContext};
+use crate::scope::{Job, Scope, Start, Work};
 use crate::{AfterContext, RequestSnapshot};
 
 tokio::task_local! {

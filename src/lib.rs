@@ -183,6 +183,7 @@
 
 mod after;
 mod body;
+mod callback;
 mod context;
 mod layer;
 mod scope;
