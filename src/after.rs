@@ -31,9 +31,8 @@ pub(crate) fn sync_scoped<R>(after: After, f: impl FnOnce() -> R) -> R {
 /// `After` is the handle of one request inside [`AfterLayer`](crate::AfterLayer). Get it as an
 /// axum extractor, from the request extensions (plain Tower or hyper), or with
 /// [`After::current`] wherever the request's response future is polled. It is cheap to clone, and
-/// a clone can be
-/// moved into spawned tasks and callbacks: work registered through it always belongs to its
-/// request, even when registered after the response is gone.
+/// a clone can be moved into spawned tasks and callbacks: work registered through it always
+/// belongs to its request, even when registered after the response is gone.
 ///
 /// # When callbacks run
 ///
