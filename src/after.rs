@@ -371,6 +371,14 @@ mod extract {
     ///
     /// This is a server bug rather than a client error, so it answers `500 Internal Server
     /// Error`, with a body that names the fix.
+    ///
+    /// ```
+    /// use tower_after::MissingAfterLayer;
+    ///
+    /// let rejection = MissingAfterLayer::default();
+    /// assert_eq!(rejection.status(), 500);
+    /// assert!(rejection.body_text().contains("AfterLayer"));
+    /// ```
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     #[non_exhaustive]
     pub struct MissingAfterLayer;

@@ -23,6 +23,31 @@ use crate::{Completion, Outcome};
 pin_project! {
     /// The response body of [`AfterService`](crate::AfterService): the inner body, unchanged,
     /// plus the bookkeeping that starts the request's callbacks once the body has ended.
+    ///
+    /// Its frames, size hint and end are the inner body's. Read it to its end, or drop it,
+    /// and the request's callbacks start:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_after::{After, AfterLayer};
+    ///
+    /// let layer = AfterLayer::new();
+    /// let tasks = layer.tasks();
+    /// let service = layer.layer(service_fn(|request: Request<()>| async move {
+    ///     request.extensions().get::<After>().unwrap().run(async {});
+    ///     Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("hello"))))
+    /// }));
+    /// let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+    /// assert_eq!(tasks.pending(), 1); // waiting for the body's end
+    /// assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+    /// tasks.idle().await; // the callback ran
+    /// # }
+    /// ```
     pub struct AfterBody<B> {
         #[pin]
         inner: B,

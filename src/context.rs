@@ -14,6 +14,20 @@ use crate::RequestSnapshot;
 ///
 /// It holds only the snapshot and the outcome, never the response or its body, so a callback that
 /// is still running does not keep the response's buffers alive.
+///
+/// ```
+/// use tower_after::{After, AfterContext};
+///
+/// async fn audit(ctx: AfterContext) {
+///     let request = ctx.request();
+///     println!("{} {} -> {:?}", request.method(), request.uri(), ctx.outcome().status());
+/// }
+///
+/// async fn handler(after: After) -> &'static str {
+///     after.run_with(audit);
+///     "ok"
+/// }
+/// ```
 #[derive(Clone)]
 pub struct AfterContext {
     scope: Arc<Scope>,
@@ -67,6 +81,22 @@ impl fmt::Debug for AfterContext {
 }
 
 /// How a response ended, as seen by the layer.
+///
+/// ```
+/// use tower_after::{AfterContext, Completion};
+///
+/// async fn record(ctx: AfterContext) {
+///     let outcome = ctx.outcome();
+///     let status = outcome.status().map_or(0, |status| status.as_u16());
+///     let waited = outcome.finished_at().elapsed();
+///     println!(
+///         "status {status}, {:?}, {} bytes in {:?}, callback started {waited:?} after the end",
+///         outcome.completion(),
+///         outcome.body_bytes(),
+///         outcome.elapsed(),
+///     );
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
     pub(crate) status: Option<StatusCode>,
@@ -115,6 +145,18 @@ impl Outcome {
 }
 
 /// How a response ended.
+///
+/// ```
+/// use tower_after::{AfterContext, Completion};
+///
+/// async fn record(ctx: AfterContext) {
+///     match ctx.outcome().completion() {
+///         Completion::Complete => {}
+///         Completion::Aborted => println!("the client left"),
+///         other => println!("the response failed: {other:?}"),
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Completion {

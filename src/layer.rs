@@ -203,7 +203,25 @@ impl<S> Layer<S> for MaxDuration {
     }
 }
 
-/// The service made by [`MaxDuration`].
+/// The service made by [`MaxDuration`]: it sets the budget of the request's callbacks, then
+/// calls the inner service.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::{service_fn, ServiceBuilder};
+/// use tower_after::{AfterLayer, MaxDuration};
+/// # use std::convert::Infallible;
+/// # use http::{Request, Response};
+///
+/// // Plain Tower: the route-level layer goes inside `AfterLayer`.
+/// let service = ServiceBuilder::new()
+///     .layer(AfterLayer::new())
+///     .layer(MaxDuration::new(Duration::from_secs(300)))
+///     .service(service_fn(|_: Request<()>| async {
+///         Ok::<_, Infallible>(Response::new(String::new()))
+///     }));
+/// # let _ = service;
+/// ```
 #[derive(Debug, Clone)]
 pub struct MaxDurationService<S> {
     inner: S,

@@ -22,7 +22,25 @@ use crate::{After, AfterBody, Completion, RequestSnapshot};
 
 /// Middleware that lets the requests it serves schedule work for after their response.
 ///
-/// Made by [`AfterLayer`](crate::AfterLayer); see there and [`After`] for how to use it.
+/// Made by [`AfterLayer`](crate::AfterLayer); see there and [`After`] for how to use it. With
+/// plain Tower:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use tower::{service_fn, ServiceBuilder};
+/// use tower_after::{After, AfterLayer};
+///
+/// let service = ServiceBuilder::new()
+///     .layer(AfterLayer::new())
+///     .service(service_fn(|request: Request<String>| async move {
+///         if let Some(after) = request.extensions().get::<After>() {
+///             after.run(async { /* after the response */ });
+///         }
+///         Ok::<_, Infallible>(Response::new(String::from("hello")))
+///     }));
+/// # let _ = service;
+/// ```
 #[derive(Clone)]
 pub struct AfterService<S> {
     inner: S,
@@ -85,6 +103,23 @@ pin_project! {
     ///
     /// If it ends without a response (the inner service failed or panicked) or is dropped before
     /// one (the client left while the handler ran), the request's callbacks start right away.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use tower::{service_fn, Layer, Service};
+    /// use tower_after::AfterLayer;
+    ///
+    /// let mut service = AfterLayer::new().layer(service_fn(|_: Request<()>| async {
+    ///     Ok::<_, Infallible>(Response::new(String::new()))
+    /// }));
+    /// let future: tower_after::ResponseFuture<_> = service.call(Request::new(()));
+    /// let response = future.await.unwrap(); // its body is an `AfterBody`
+    /// # drop(response);
+    /// # }
+    /// ```
     pub struct ResponseFuture<F> {
         #[pin]
         inner: TaskLocalFuture<After, F>,

@@ -25,6 +25,23 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 ///
 /// Its `Debug` output hides the values of `Authorization`, `Proxy-Authorization`, `Cookie` and
 /// `Set-Cookie`, so logging a snapshot does not leak credentials.
+///
+/// ```
+/// use tower_after::AfterContext;
+///
+/// async fn log(ctx: AfterContext) {
+///     let request = ctx.request();
+///     let language = request.headers().get("accept-language");
+///     println!(
+///         "{} {} {:?} from {} (language {language:?}, session {:?})",
+///         request.method(),
+///         request.uri().path(),
+///         request.version(),
+///         request.header("user-agent").unwrap_or("-"),
+///         request.cookie("session-id"),
+///     );
+/// }
+/// ```
 pub struct RequestSnapshot {
     method: Method,
     version: Version,

@@ -313,6 +313,15 @@ impl fmt::Debug for AfterTasks {
 /// | `tower_after_callbacks_queued` | gauge |
 ///
 /// [`metrics`]: https://docs.rs/metrics
+///
+/// ```
+/// let tasks = tower_after::AfterLayer::new().tasks();
+/// let stats = tasks.stats();
+/// let ended = stats.completed() + stats.panicked() + stats.timed_out() + stats.cancelled()
+///     + stats.forgotten();
+/// assert_eq!(stats.scheduled(), ended + tasks.pending() as u64);
+/// println!("{} running, {} waiting for a place", stats.running(), stats.queued());
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AfterStats {
     scheduled: u64,
@@ -402,6 +411,20 @@ mod names {
 ///
 /// Every callback pending when the drain started, or registered during it, is counted exactly
 /// once: `completed() + cancelled()` is their total.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+///
+/// let tasks = tower_after::AfterLayer::new().tasks();
+/// let report = tasks.shutdown(Duration::from_secs(5)).await;
+/// if report.cancelled() > 0 {
+///     eprintln!("{} callbacks did not finish in time", report.cancelled());
+/// }
+/// assert_eq!(report.completed() + report.cancelled(), 0);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
     completed: usize,
