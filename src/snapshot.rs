@@ -118,13 +118,13 @@ impl RequestSnapshot {
         self.headers.get_or_init(|| {
             let shared = Bytes::copy_from_slice(&self.raw);
             let mut map = HeaderMap::with_capacity(self.raw_headers().count());
-            let mut offset = self.target_len;
             for (name, value) in self.raw_headers() {
-                let start = offset + LENGTHS + name.len();
-                offset = start + value.len();
+                // Where `value` lies in `raw`, and so in its copy.
+                let start = value.as_ptr() as usize - self.raw.as_ptr() as usize;
                 // Both were valid in the request they were copied from.
                 let name = HeaderName::from_bytes(name);
-                let value = HeaderValue::from_maybe_shared(shared.slice(start..offset));
+                let value =
+                    HeaderValue::from_maybe_shared(shared.slice(start..start + value.len()));
                 if let (Ok(name), Ok(value)) = (name, value) {
                     map.append(name, value);
                 }
