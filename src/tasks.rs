@@ -270,14 +270,18 @@ impl AfterTasks {
             completed: (ended(&after) - ended(&before)) as usize,
             cancelled: (dropped(&after) - dropped(&before)) as usize + left_queued,
         };
-        if report.cancelled > 0 {
+        if drained {
+            tracing::info!(
+                completed = report.completed,
+                cancelled = report.cancelled,
+                "after callbacks drained"
+            );
+        } else {
             tracing::warn!(
                 completed = report.completed,
                 cancelled = report.cancelled,
                 "after callbacks drained: grace period of {grace:?} ran out"
             );
-        } else {
-            tracing::info!(completed = report.completed, "after callbacks drained");
         }
         report
     }
@@ -656,5 +660,28 @@ mod tests {
         assert_eq!(first.cancelled() + first.completed(), 3);
         assert_eq!(second.completed(), 0);
         assert_eq!(tasks.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_within_its_grace_does_not_say_the_grace_ran_out() {
+        let logs = Logs::capture();
+        // The request's own budget, not the grace, cancels the long callbacks.
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicUsize::new(0));
+        serve_sleepers(&layer, 2, Duration::from_secs(10), &done).await;
+        let report = tasks.shutdown(Duration::from_secs(30)).await;
+        assert_eq!((report.completed(), report.cancelled()), (0, 2));
+        assert!(
+            logs.lines_with("grace period").is_empty(),
+            "{}",
+            logs.text()
+        );
+        let summary = logs.lines_with("after callbacks drained");
+        assert_eq!(summary.len(), 1);
+        assert!(
+            summary[0].contains("INFO") && summary[0].contains("cancelled=2"),
+            "{summary:?}"
+        );
     }
 }
