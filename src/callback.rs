@@ -33,6 +33,11 @@ pub(crate) trait Callback: Send {
         context: &mut Option<AfterContext>,
         cx: &mut Context<'_>,
     ) -> Poll<()>;
+
+    /// Whether it reads a context: only then does the driver make one.
+    fn wants_context(&self) -> bool {
+        false
+    }
 }
 
 pin_project! {
@@ -99,6 +104,10 @@ where
                 WithContextProjection::Run { future } => return future.poll(cx),
             }
         }
+    }
+
+    fn wants_context(&self) -> bool {
+        true
     }
 }
 

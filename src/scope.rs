@@ -452,10 +452,13 @@ impl Future for DriverTask {
                 *this.deadline = finished.deadline;
                 arrived |= !jobs.is_empty();
                 for job in jobs {
-                    let context = AfterContext::new(scope.clone(), finished.outcome);
+                    let context = || AfterContext::new(scope.clone(), finished.outcome);
                     let begin = match job.work {
-                        Work::Async(callback) => Begin::Async(callback, Some(context)),
-                        Work::Blocking(callback) => Begin::Blocking(callback, context),
+                        Work::Async(callback) => {
+                            let context = callback.wants_context().then(context);
+                            Begin::Async(callback, context)
+                        }
+                        Work::Blocking(callback) => Begin::Blocking(callback, context()),
                     };
                     this.running.push(Running::new(scope, begin, job.span));
                 }
