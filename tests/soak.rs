@@ -2,7 +2,11 @@
 //! abandoned by the client at random points. Every callback registered runs exactly once, nothing
 //! stays pending, and memory does not grow from one round to the next.
 //!
-//! The default run (2 rounds of 50,000 requests) fits in CI. A longer one:
+//! Memory is compared between the second and the third round: the first one warms up what a
+//! process keeps once it has served a burst (the allocator's per-thread arenas, the runtime's
+//! queues), which is growth but not a leak.
+//!
+//! The default run (3 rounds of 34,000 requests) fits in CI. A longer one:
 //!
 //! ```not_rust
 //! SOAK_REQUESTS=1000000 cargo test --release --test soak -- --ignored
@@ -142,7 +146,7 @@ async fn soak(requests_per_round: usize) {
     let address = support::serve(app).await;
     let mut registered = 0;
     let mut resident = Vec::new();
-    for round in 0..2_u64 {
+    for round in 0..3_u64 {
         let mut connections = tokio::task::JoinSet::new();
         for index in 0..CONNECTIONS as u64 {
             let share = requests_per_round / CONNECTIONS;
@@ -166,16 +170,18 @@ async fn soak(requests_per_round: usize) {
         );
         resident.push(resident_kib());
     }
-    let (first, second) = (resident[0] as f64, resident[1] as f64);
+    let (warm, last) = (resident[1] as f64, resident[2] as f64);
     assert!(
-        second <= first * 1.10,
-        "resident memory grew from {first} KiB after round 1 to {second} KiB after round 2"
+        last <= warm * 1.10,
+        "resident memory grew from {warm} KiB after round 2 to {last} KiB after round 3 \
+         (after round 1: {} KiB)",
+        resident[0]
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_requests_some_abandoned() {
-    soak(50_000).await;
+    soak(34_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,5 +191,5 @@ async fn a_long_soak() {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(1_000_000);
-    soak(requests / 2).await;
+    soak(requests / 3).await;
 }
