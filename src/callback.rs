@@ -16,7 +16,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::Span;
 
-use crate::scope::Scope;
+use crate::scope::{Scope, Work};
 use crate::tasks::Gauge;
 use crate::{After, AfterContext};
 
@@ -27,17 +27,9 @@ type BoxAcquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, Acqui
 /// An async callback, type-erased in a single allocation: a plain future, or a `run_with`
 /// closure that becomes its future in place when it starts.
 pub(crate) trait Callback: Send {
-    /// Polls the callback; a `run_with` closure takes `context` when it starts.
-    fn poll_run(
-        self: Pin<&mut Self>,
-        context: &mut Option<AfterContext>,
-        cx: &mut Context<'_>,
-    ) -> Poll<()>;
-
-    /// Whether it reads a context: only then does the driver make one.
-    fn wants_context(&self) -> bool {
-        false
-    }
+    /// Polls the callback; a `run_with` closure is called with the context of `scope` when it
+    /// starts, so a context exists only for the callbacks that read one.
+    fn poll_run(self: Pin<&mut Self>, scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<()>;
 }
 
 pin_project! {
@@ -55,11 +47,7 @@ impl<F> Plain<F> {
 }
 
 impl<F: Future<Output = ()> + Send> Callback for Plain<F> {
-    fn poll_run(
-        self: Pin<&mut Self>,
-        _context: &mut Option<AfterContext>,
-        cx: &mut Context<'_>,
-    ) -> Poll<()> {
+    fn poll_run(self: Pin<&mut Self>, _scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<()> {
         self.project().future.poll(cx)
     }
 }
@@ -86,35 +74,21 @@ where
     C: FnOnce(AfterContext) -> F + Send,
     F: Future<Output = ()> + Send,
 {
-    fn poll_run(
-        mut self: Pin<&mut Self>,
-        context: &mut Option<AfterContext>,
-        cx: &mut Context<'_>,
-    ) -> Poll<()> {
+    fn poll_run(mut self: Pin<&mut Self>, scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.as_mut().project() {
                 WithContextProjection::Start { callback } => {
-                    // Such callbacks start only after the response finished, with a context.
-                    let (Some(callback), Some(context)) = (callback.take(), context.take()) else {
+                    // Such callbacks start only once the response finished (`Start::AfterResponse`).
+                    let Some(callback) = callback.take() else {
                         return Poll::Ready(());
                     };
-                    let future = callback(context);
+                    let future = callback(AfterContext::new(scope.clone()));
                     self.set(Self::Run { future });
                 }
                 WithContextProjection::Run { future } => return future.poll(cx),
             }
         }
     }
-
-    fn wants_context(&self) -> bool {
-        true
-    }
-}
-
-/// How a callback is to be started.
-pub(crate) enum Begin {
-    Async(BoxCallback, Option<AfterContext>),
-    Blocking(BoxBlocking, AfterContext),
 }
 
 /// The callbacks a driver runs: the first inline, any more (rarer) in a `FuturesUnordered`
@@ -123,7 +97,7 @@ pub(crate) enum Begin {
 #[derive(Default)]
 pub(crate) struct Callbacks {
     first: Option<Running>,
-    rest: Option<FuturesUnordered<Running>>,
+    rest: Option<Box<FuturesUnordered<Running>>>,
 }
 
 impl Callbacks {
@@ -131,14 +105,12 @@ impl Callbacks {
         if self.is_empty() {
             self.first = Some(running);
         } else {
-            self.rest
-                .get_or_insert_with(FuturesUnordered::new)
-                .push(running);
+            self.rest.get_or_insert_default().push(running);
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, FuturesUnordered::len)
+        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |rest| rest.len())
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -177,12 +149,11 @@ pub(crate) enum Exit {
 enum Stage {
     /// Not started: waiting for its first poll, or for a place under the concurrency limit.
     Waiting {
-        begin: Begin,
+        work: Work,
         acquire: Option<BoxAcquire>,
     },
     Async {
         callback: BoxCallback,
-        context: Option<AfterContext>,
         _slot: Slot,
     },
     /// Handed to the blocking pool, which holds its slot.
@@ -222,10 +193,10 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    pub(crate) fn new(scope: &Arc<Scope>, begin: Begin, span: Span) -> Self {
+    pub(crate) fn new(scope: &Arc<Scope>, work: Work, span: Span) -> Self {
         Self {
             stage: Stage::Waiting {
-                begin,
+                work,
                 acquire: None,
             },
             span,
@@ -255,7 +226,7 @@ fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<
     let shared = &scope.shared;
     loop {
         *stage = match mem::replace(stage, Stage::Done) {
-            Stage::Waiting { begin, mut acquire } => {
+            Stage::Waiting { work, mut acquire } => {
                 let permit = match &scope.limit {
                     None => None,
                     Some(limit) => {
@@ -264,7 +235,7 @@ fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<
                             Box::pin(limit.clone().acquire_owned())
                         });
                         let Poll::Ready(permit) = waiting.as_mut().poll(cx) else {
-                            *stage = Stage::Waiting { begin, acquire };
+                            *stage = Stage::Waiting { work, acquire };
                             return Poll::Pending;
                         };
                         shared.gauge(Gauge::Queued, false);
@@ -273,13 +244,13 @@ fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<
                     }
                 };
                 let slot = Slot::new(scope, permit);
-                match begin {
-                    Begin::Async(callback, context) => Stage::Async {
+                match work {
+                    Work::Async(callback) => Stage::Async {
                         callback,
-                        context,
                         _slot: slot,
                     },
-                    Begin::Blocking(callback, ctx) => {
+                    Work::Blocking(callback) => {
+                        let ctx = AfterContext::new(scope.clone());
                         let (span, after) = (span.clone(), After::from_scope(scope.clone()));
                         Stage::Blocking(tokio::task::spawn_blocking(move || {
                             let _slot = slot;
@@ -291,17 +262,12 @@ fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<
             }
             Stage::Async {
                 mut callback,
-                mut context,
                 _slot,
             } => {
-                if callback.as_mut().poll_run(&mut context, cx).is_ready() {
+                if callback.as_mut().poll_run(scope, cx).is_ready() {
                     return Poll::Ready(Exit::Completed);
                 }
-                *stage = Stage::Async {
-                    callback,
-                    context,
-                    _slot,
-                };
+                *stage = Stage::Async { callback, _slot };
                 return Poll::Pending;
             }
             Stage::Blocking(mut handle) => {

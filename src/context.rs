@@ -30,13 +30,14 @@ use crate::RequestSnapshot;
 /// ```
 #[derive(Clone)]
 pub struct AfterContext {
+    /// A scope whose response has finished: its outcome is set.
     scope: Arc<Scope>,
-    outcome: Outcome,
 }
 
 impl AfterContext {
-    pub(crate) fn new(scope: Arc<Scope>, outcome: Outcome) -> Self {
-        Self { scope, outcome }
+    /// Made by the driver only once `scope`'s response has finished.
+    pub(crate) fn new(scope: Arc<Scope>) -> Self {
+        Self { scope }
     }
 
     /// The request as it was when it entered [`AfterLayer`](crate::AfterLayer): method, URI,
@@ -67,7 +68,7 @@ impl AfterContext {
     /// ```
     #[must_use]
     pub fn outcome(&self) -> &Outcome {
-        &self.outcome
+        self.scope.outcome()
     }
 }
 
@@ -75,7 +76,7 @@ impl fmt::Debug for AfterContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AfterContext")
             .field("request", self.request())
-            .field("outcome", &self.outcome)
+            .field("outcome", self.outcome())
             .finish()
     }
 }

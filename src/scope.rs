@@ -18,7 +18,7 @@ use std::future::Future;
 use std::mem;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -30,9 +30,9 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::Span;
 
-use crate::callback::{Begin, BoxBlocking, BoxCallback, Callbacks, Exit, Running};
+use crate::callback::{BoxBlocking, BoxCallback, Callbacks, Exit, Running};
 use crate::tasks::{Ended, Shared};
-use crate::{After, AfterContext, Outcome, RequestSnapshot};
+use crate::{After, Outcome, RequestSnapshot};
 
 /// What a layer decides for each of its requests.
 #[derive(Clone)]
@@ -47,14 +47,14 @@ pub(crate) struct Scope {
     pub(crate) entered: Instant,
     pub(crate) shared: Arc<Shared>,
     pub(crate) limit: Option<Arc<Semaphore>>,
+    /// Set once, with the state locked, when the response finished; read without the lock.
+    finished: OnceLock<Finished>,
     state: Mutex<State>,
 }
 
 struct State {
     /// Max duration of this request's callbacks, counted from the end of the response.
     budget: Duration,
-    /// Set once, when the response finished.
-    finished: Option<Finished>,
     /// Before the response finished: callbacks waiting for it.
     /// After: anything registered, waiting for the driver to pick it up.
     /// Most requests register one callback, if any: it is kept without an allocation.
@@ -64,7 +64,6 @@ struct State {
     driver: Driver,
 }
 
-#[derive(Clone, Copy)]
 struct Finished {
     outcome: Outcome,
     deadline: Option<Instant>,
@@ -145,14 +144,28 @@ impl Scope {
             entered: Instant::now(),
             shared,
             limit: config.limit.clone(),
+            finished: OnceLock::new(),
             state: Mutex::new(State {
                 budget: config.max_duration,
-                finished: None,
                 queue: Jobs::new(),
                 early: Vec::new(),
                 driver: Driver::Absent,
             }),
         }
+    }
+
+    /// How the response ended. Only for a scope whose response has finished.
+    pub(crate) fn outcome(&self) -> &Outcome {
+        &self
+            .finished
+            .get()
+            .expect("an AfterContext is made only once its response finished")
+            .outcome
+    }
+
+    /// When the callbacks' budget runs out: known once the response finished.
+    fn deadline(&self) -> Option<Instant> {
+        self.finished.get()?.deadline
     }
 
     /// Locks the state. A panic never happens while it is held (no user code runs under it), but
@@ -163,7 +176,7 @@ impl Scope {
 
     pub(crate) fn set_budget(&self, budget: Duration) {
         let mut state = self.state();
-        if state.finished.is_none() {
+        if self.finished.get().is_none() {
             state.budget = budget;
         }
     }
@@ -172,7 +185,7 @@ impl Scope {
         self.shared.registered();
         let mut state = self.state();
         let replaced = job.name.as_deref().and_then(|name| state.take_named(name));
-        let wake = match (state.finished.is_some(), start, job) {
+        let wake = match (self.finished.get().is_some(), start, job) {
             (
                 false,
                 Start::Now,
@@ -216,9 +229,11 @@ impl Scope {
     /// Marks the response as finished and hands its callbacks to a driver. Called exactly once,
     /// from the response future or body, so it must stay cheap and must not run user code.
     pub(crate) fn finish(self: &Arc<Self>, outcome: Outcome, now: Instant) {
-        let mut state = self.state();
+        let state = self.state();
         let deadline = now.checked_add(state.budget);
-        state.finished = Some(Finished { outcome, deadline });
+        // Under the lock, so that a registration sees either the queue or the finished mark.
+        let first = self.finished.set(Finished { outcome, deadline }).is_ok();
+        debug_assert!(first, "a response finishes once");
         // A running driver (for `wait_until` futures) must learn the deadline.
         if state.queue.is_empty() && matches!(state.driver, Driver::Absent) {
             return;
@@ -271,12 +286,11 @@ impl Scope {
     fn intake(&self, waker: &Waker, idle: bool) -> Option<Intake> {
         let mut state = self.state();
         let early = mem::take(&mut state.early);
-        let finished = match state.finished {
-            Some(finished) => Some((finished, mem::take(&mut state.queue))),
+        let finished = match self.finished.get() {
+            Some(_) => Some(mem::take(&mut state.queue)),
             None => None,
         };
-        let nothing_new =
-            early.is_empty() && finished.as_ref().is_none_or(|(_, jobs)| jobs.is_empty());
+        let nothing_new = early.is_empty() && finished.as_ref().is_none_or(|jobs| jobs.is_empty());
         if idle && nothing_new {
             state.driver = Driver::Absent;
             return None;
@@ -293,7 +307,7 @@ impl Scope {
         let mut state = self.state();
         state.driver = Driver::Absent;
         let early = mem::take(&mut state.early);
-        let queue = if state.finished.is_some() {
+        let queue = if self.finished.get().is_some() {
             mem::take(&mut state.queue)
         } else {
             Jobs::new()
@@ -305,8 +319,8 @@ impl Scope {
 struct Intake {
     /// `wait_until` futures from before the response finished.
     early: Vec<(BoxCallback, Span)>,
-    /// Once the response finished: how, and the work to start now.
-    finished: Option<(Finished, Jobs)>,
+    /// Once the response finished: the work to start now.
+    finished: Option<Jobs>,
 }
 
 /// Why a driver stopped its callbacks before their end.
@@ -318,10 +332,12 @@ enum Stop {
 
 pin_project! {
     /// The task that runs one request's callbacks.
+    ///
+    /// Its size matters: with the task-local and tracker wrappers it stays at most 152 bytes,
+    /// the most a future can have for Tokio to hold its task in 256 bytes rather than 384.
     struct DriverTask {
         scope: Arc<Scope>,
         running: Callbacks,
-        deadline: Option<Instant>,
         // Made only once a callback is still pending after its first poll: callbacks that end
         // at once (a log line, a counter) never pay for a timer or a shutdown waiter, and the
         // task stays small.
@@ -353,7 +369,6 @@ impl DriverTask {
         Self {
             scope,
             running: Callbacks::default(),
-            deadline: None,
             watch: None,
             done: false,
         }
@@ -446,21 +461,12 @@ impl Future for DriverTask {
             let mut arrived = !intake.early.is_empty();
             for (callback, span) in intake.early {
                 this.running
-                    .push(Running::new(scope, Begin::Async(callback, None), span));
+                    .push(Running::new(scope, Work::Async(callback), span));
             }
-            if let Some((finished, jobs)) = intake.finished {
-                *this.deadline = finished.deadline;
+            if let Some(jobs) = intake.finished {
                 arrived |= !jobs.is_empty();
                 for job in jobs {
-                    let context = || AfterContext::new(scope.clone(), finished.outcome);
-                    let begin = match job.work {
-                        Work::Async(callback) => {
-                            let context = callback.wants_context().then(context);
-                            Begin::Async(callback, context)
-                        }
-                        Work::Blocking(callback) => Begin::Blocking(callback, context()),
-                    };
-                    this.running.push(Running::new(scope, begin, job.span));
+                    this.running.push(Running::new(scope, job.work, job.span));
                 }
             }
             // Nothing has been polled yet: work arriving too late never starts.
@@ -468,8 +474,8 @@ impl Future for DriverTask {
                 if scope.shared.shutdown.is_cancelled() {
                     return stop(this.scope, this.running, this.done, Stop::Shutdown);
                 }
-                if this
-                    .deadline
+                if scope
+                    .deadline()
                     .is_some_and(|deadline| Instant::now() >= deadline)
                 {
                     return stop(this.scope, this.running, this.done, Stop::Budget);
@@ -501,7 +507,7 @@ impl Future for DriverTask {
                 untimed: false,
             })
         });
-        match watch.as_mut().poll_stop(*this.deadline, cx) {
+        match watch.as_mut().poll_stop(scope.deadline(), cx) {
             Some(why) => stop(this.scope, this.running, this.done, why),
             None => Poll::Pending,
         }
