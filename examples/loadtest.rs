@@ -36,6 +36,7 @@ use tower_after::{After, AfterLayer};
 /// The server variants, in the order they are reported.
 const VARIANTS: &[(&str, &str)] = &[
     ("bare", "bare axum hello world"),
+    ("noop-layer", "+ a no-op layer (any layer's floor)"),
     ("after", "+ AfterLayer, no callback"),
     ("after-callback", "+ AfterLayer, one callback per request"),
     ("spawn", "tokio::spawn in the handler"),
@@ -50,6 +51,12 @@ const VARIANTS: &[(&str, &str)] = &[
 /// Each ratio reported: variant, baseline, what is compared, target.
 const RATIOS: &[(&str, &str, Metric, &str)] = &[
     ("after", "bare", Metric::Throughput, ">= 0.98"),
+    (
+        "noop-layer",
+        "bare",
+        Metric::Throughput,
+        "(any layer's cost)",
+    ),
     ("after-callback", "spawn", Metric::Throughput, ">= 0.97"),
     ("after-sleep", "spawn-sleep", Metric::P99, "<= 1.05"),
     (
@@ -171,6 +178,10 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
     let route = |handler| Router::new().route("/", handler).with_state(probe.clone());
     let router = match variant {
         "bare" => route(get(hello)),
+        // What `Router::layer` costs whatever the layer does: the floor under any layer's ratio.
+        "noop-layer" => route(get(hello)).layer(tower::util::MapRequestLayer::new(
+            std::convert::identity::<axum::extract::Request>,
+        )),
         "after" => route(get(hello)).layer(AfterLayer::new()),
         "after-callback" => route(get(after_callback)).layer(AfterLayer::new()),
         "spawn" => route(get(spawn)),

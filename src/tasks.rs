@@ -19,8 +19,10 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Callbacks registered and not yet ended, whether they have started or not.
     pending: AtomicUsize,
-    /// Woken whenever `pending` drops to zero.
+    /// Woken whenever `pending` drops to zero while someone waits in `idle()`.
     idle: Notify,
+    /// How many wait in `idle()`: when none does, reaching zero costs no lock.
+    idle_waiters: AtomicUsize,
     scheduled: AtomicU64,
     completed: AtomicU64,
     panicked: AtomicU64,
@@ -76,8 +78,11 @@ impl Shared {
         counter.fetch_add(count as u64, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         metrics::counter!(names::ended(how)).increment(count as u64);
-        // AcqRel: whoever sees zero also sees the counters above.
-        if self.pending.fetch_sub(count, Ordering::AcqRel) == count {
+        // Whoever sees zero also sees the counters above. SeqCst, paired with `idle()`: either
+        // this sees its waiter, or the waiter sees zero.
+        if self.pending.fetch_sub(count, Ordering::SeqCst) == count
+            && self.idle_waiters.load(Ordering::SeqCst) > 0
+        {
             self.idle.notify_waiters();
         }
     }
@@ -126,12 +131,25 @@ impl Shared {
     }
 
     async fn idle(&self) {
+        /// Counts a waiter in `idle_waiters` while it lives, however the wait ends.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+
+        if self.pending() == 0 {
+            return;
+        }
+        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.idle_waiters);
         loop {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             // Register before reading, so a drop to zero in between is not missed.
             notified.as_mut().enable();
-            if self.pending() == 0 {
+            if self.pending.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;

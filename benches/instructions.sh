@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Instructions the server executes per request, for each load-test variant: the one cost figure
+# that a shared, noisy machine reproduces to about 1 %. Installs valgrind and wrk (Debian's
+# packages) when missing. Usage: `bash benches/instructions.sh [VARIANT...]`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v wrk >/dev/null || missing+=(wrk)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} with apt-get" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+cargo build --release --example loadtest -q
+variants=("$@")
+if [ ${#variants[@]} -eq 0 ]; then
+    variants=(bare noop-layer after spawn after-callback spawn-sleep after-sleep)
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+printf '| variant | requests | instructions / request |\n|---|---:|---:|\n'
+for variant in "${variants[@]}"; do
+    valgrind --tool=callgrind --callgrind-out-file="$work/$variant.out" \
+        target/release/examples/loadtest serve "$variant" --exit-after 12 \
+        >"$work/$variant.addr" 2>"$work/$variant.log" &
+    server=$!
+    for _ in $(seq 100); do
+        [ -s "$work/$variant.addr" ] && break
+        sleep 0.1
+    done
+    address=$(head -n1 "$work/$variant.addr")
+    requests=$(wrk -t1 -c16 -d5s "http://$address/" | awk '/requests in/ {print $1}')
+    wait "$server"
+    total=$(awk '/^summary:/ {print $2}' "$work/$variant.out")
+    printf '| %s | %s | %s |\n' "$variant" "$requests" "$((total / requests))"
+done
