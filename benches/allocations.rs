@@ -134,6 +134,15 @@ fn main() {
             tower::util::MapRequestLayer::new(std::convert::identity::<axum::extract::Request>),
         ))
         .await;
+        // The nearest existing tool: tower-http's end-of-stream hook.
+        let trace = per_request(Router::new().route("/", get(hello)).layer(
+            tower_http::trace::TraceLayer::new_for_http().on_eos(
+                |_: Option<&http::HeaderMap>, latency: std::time::Duration, _: &tracing::Span| {
+                    std::hint::black_box(latency);
+                },
+            ),
+        ))
+        .await;
         let layered = per_request(
             Router::new()
                 .route("/", get(hello))
@@ -151,6 +160,7 @@ fn main() {
         for (name, (blocks, bytes)) in [
             ("bare axum", bare),
             ("a no-op layer", noop),
+            ("TraceLayer with on_eos", trace),
             ("AfterLayer, no callback", layered),
             ("AfterLayer, one callback", callback),
         ] {

@@ -32,11 +32,13 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use tower_after::{After, AfterLayer};
+use tower_http::trace::TraceLayer;
 
 /// The server variants, in the order they are reported.
 const VARIANTS: &[(&str, &str)] = &[
     ("bare", "bare axum hello world"),
     ("noop-layer", "+ a no-op layer (any layer's floor)"),
+    ("trace-eos", "+ tower-http TraceLayer with an on_eos hook"),
     ("after", "+ AfterLayer, no callback"),
     ("after-callback", "+ AfterLayer, one callback per request"),
     ("spawn", "tokio::spawn in the handler"),
@@ -56,6 +58,12 @@ const RATIOS: &[(&str, &str, Metric, &str)] = &[
         "bare",
         Metric::Throughput,
         "(any layer's cost)",
+    ),
+    (
+        "trace-eos",
+        "bare",
+        Metric::Throughput,
+        "(nearest existing tool)",
     ),
     ("after-callback", "spawn", Metric::Throughput, ">= 0.97"),
     ("after-sleep", "spawn-sleep", Metric::P99, "<= 1.05"),
@@ -181,6 +189,11 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
         // What `Router::layer` costs whatever the layer does: the floor under any layer's ratio.
         "noop-layer" => route(get(hello)).layer(tower::util::MapRequestLayer::new(
             std::convert::identity::<axum::extract::Request>,
+        )),
+        "trace-eos" => route(get(hello)).layer(TraceLayer::new_for_http().on_eos(
+            |_: Option<&http::HeaderMap>, latency: Duration, _: &tracing::Span| {
+                std::hint::black_box(latency);
+            },
         )),
         "after" => route(get(hello)).layer(AfterLayer::new()),
         "after-callback" => route(get(after_callback)).layer(AfterLayer::new()),
