@@ -146,9 +146,10 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
     }
     async fn stats(State(probe): State<Arc<Probe>>) -> String {
         format!(
-            "ran {}\npeak_rss_kib {}\n{}",
+            "ran {}\npeak_rss_kib {}\ncpu_ticks {}\n{}",
             probe.ran.load(Ordering::Relaxed),
             peak_rss_kib(),
+            cpu_ticks(),
             probe.delays.render()
         )
     }
@@ -232,6 +233,21 @@ impl DelayHistogram {
             .collect();
         format!("delays {}\n", counts.join(" "))
     }
+}
+
+/// CPU time of this process, user and system, in clock ticks (1/100 s on Linux).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 14th and 15th fields of the line.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<u64>().ok())
+    };
+    field(11).unwrap_or(0) + field(12).unwrap_or(0)
 }
 
 fn peak_rss_kib() -> u64 {
@@ -379,9 +395,12 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     peak_rss_kib: f64,
+    /// Server CPU time (user and system) per request, in microseconds.
+    cpu_us: f64,
 }
 
-fn wrk(address: SocketAddr, seconds: u64) -> (f64, f64, f64) {
+/// Throughput, p50 and p99 (ms), and the number of requests.
+fn wrk(address: SocketAddr, seconds: u64) -> (f64, f64, f64, f64) {
     let output = Command::new("taskset")
         .args(["-c", "1", "wrk", "-t1", "-c64"])
         .arg(format!("-d{seconds}s"))
@@ -400,7 +419,12 @@ fn wrk(address: SocketAddr, seconds: u64) -> (f64, f64, f64) {
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("no throughput in wrk's output:\n{text}"));
     let latency = |prefix| field(prefix).map_or(f64::NAN, parse_wrk_duration);
-    (throughput, latency("50%"), latency("99%"))
+    let requests = text
+        .lines()
+        .find(|line| line.contains("requests in"))
+        .and_then(|line| line.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    (throughput, latency("50%"), latency("99%"), requests)
 }
 
 /// wrk prints `812.00us`, `1.23ms` or `2.01s`; in milliseconds.
@@ -463,14 +487,22 @@ fn orchestrate(args: &[String]) {
         for variant in order {
             let server = Server::start(variant);
             wrk(server.address, 1); // warm up
-            let (throughput, p50_ms, p99_ms) = wrk(server.address, options.seconds);
+            let ticks = |stats: &BTreeMap<String, String>| -> f64 {
+                stats
+                    .get("cpu_ticks")
+                    .and_then(|value| value.parse().ok())
+                    .unwrap_or(f64::NAN)
+            };
+            let before = ticks(&server.stats());
+            let (throughput, p50_ms, p99_ms, requests) = wrk(server.address, options.seconds);
             let stats = server.stats();
+            let cpu_us = (ticks(&stats) - before) * 10_000.0 / requests;
             let peak_rss_kib = stats
                 .get("peak_rss_kib")
                 .and_then(|value| value.parse().ok())
                 .unwrap_or(f64::NAN);
             eprintln!(
-                "round {} {variant:<18} {throughput:>10.0} req/s  p50 {p50_ms:>7.3} ms  p99 {p99_ms:>7.3} ms",
+                "round {} {variant:<18} {throughput:>10.0} req/s  p50 {p50_ms:>7.3} ms  p99 {p99_ms:>7.3} ms  cpu {cpu_us:>6.2} us/req",
                 round + 1
             );
             runs.entry(variant).or_default().push(Run {
@@ -478,26 +510,33 @@ fn orchestrate(args: &[String]) {
                 p50_ms,
                 p99_ms,
                 peak_rss_kib,
+                cpu_us,
             });
         }
     }
 
-    println!("\n| variant | req/s (median) | p50 ms | p99 ms | peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "\n| variant | req/s (median) | p50 ms | p99 ms | server CPU µs / request | peak RSS MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for (name, label) in VARIANTS {
         let Some(list) = runs.get(name) else { continue };
         let pick = |f: fn(&Run) -> f64| median(&mut list.iter().map(f).collect::<Vec<_>>());
         println!(
-            "| {label} | {:.0} | {:.3} | {:.3} | {:.1} |",
+            "| {label} | {:.0} | {:.3} | {:.3} | {:.2} | {:.1} |",
             pick(|run| run.throughput),
             pick(|run| run.p50_ms),
             pick(|run| run.p99_ms),
+            pick(|run| run.cpu_us),
             pick(|run| run.peak_rss_kib) / 1024.0,
         );
     }
 
-    println!("\n| ratio | per round | median | target |");
-    println!("|---|---|---:|---|");
+    // Besides the ratios of what wrk saw, the same ratio of the server's CPU cost: the inverse
+    // ratio of CPU time per request, the throughput each variant would reach on a CPU of its
+    // own. Other tenants of a shared machine disturb it far less than wall-clock figures.
+    println!("\n| ratio | per round | median | median, by server CPU per request | target |");
+    println!("|---|---|---:|---:|---|");
     for (variant, baseline, metric, target) in RATIOS {
         let (Some(a), Some(b)) = (runs.get(variant), runs.get(baseline)) else {
             continue;
@@ -507,6 +546,7 @@ fn orchestrate(args: &[String]) {
             Metric::P99 => run.p99_ms,
         };
         let mut per_round: Vec<f64> = a.iter().zip(b).map(|(a, b)| value(a) / value(b)).collect();
+        let mut by_cpu: Vec<f64> = a.iter().zip(b).map(|(a, b)| b.cpu_us / a.cpu_us).collect();
         let listed: Vec<String> = per_round
             .iter()
             .map(|ratio| format!("{ratio:.3}"))
@@ -516,9 +556,13 @@ fn orchestrate(args: &[String]) {
             Metric::P99 => "p99 latency",
         };
         println!(
-            "| {what} {variant} / {baseline} | {} | {:.3} | {target} |",
+            "| {what} {variant} / {baseline} | {} | {:.3} | {} | {target} |",
             listed.join(" "),
-            median(&mut per_round)
+            median(&mut per_round),
+            match metric {
+                Metric::Throughput => format!("{:.3}", median(&mut by_cpu)),
+                Metric::P99 => "".to_owned(),
+            }
         );
     }
 
