@@ -192,6 +192,7 @@ mod snapshot;
 mod tasks;
 #[cfg(test)]
 mod test_util;
+mod watch;
 
 #[cfg(feature = "axum")]
 pub use after::MissingAfterLayer;

@@ -26,12 +26,12 @@ use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
-use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio::time::Instant;
 use tracing::Span;
 
 use crate::callback::{BoxBlocking, BoxCallback, Callbacks, Exit, Running};
 use crate::tasks::{Ended, Shared};
+use crate::watch::{Stop, Ticket};
 use crate::{After, Outcome, RequestSnapshot};
 
 /// What a layer decides for each of its requests.
@@ -323,13 +323,6 @@ struct Intake {
     finished: Option<Jobs>,
 }
 
-/// Why a driver stopped its callbacks before their end.
-#[derive(Clone, Copy)]
-enum Stop {
-    Budget,
-    Shutdown,
-}
-
 pin_project! {
     /// The task that runs one request's callbacks.
     ///
@@ -338,10 +331,9 @@ pin_project! {
     struct DriverTask {
         scope: Arc<Scope>,
         running: Callbacks,
-        // Made only once a callback is still pending after its first poll: callbacks that end
-        // at once (a log line, a counter) never pay for a timer or a shutdown waiter, and the
-        // task stays small.
-        watch: Option<Pin<Box<Watch>>>,
+        // Taken only once a callback is still pending after its first poll: callbacks that end
+        // at once (a log line, a counter) never enter the layer's watch.
+        ticket: Option<Ticket>,
         done: bool,
     }
 
@@ -349,6 +341,9 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Dropped before its work was done: the runtime is shutting down.
             let this = this.project();
+            if let Some(ticket) = this.ticket.take() {
+                this.scope.shared.watch.leave(ticket);
+            }
             if !*this.done {
                 let count = cancel(this.scope, this.running, Ended::Cancelled);
                 if count > 0 {
@@ -369,53 +364,9 @@ impl DriverTask {
         Self {
             scope,
             running: Callbacks::default(),
-            watch: None,
+            ticket: None,
             done: false,
         }
-    }
-}
-
-pin_project! {
-    /// What a driver with pending callbacks waits for besides them.
-    struct Watch {
-        #[pin]
-        shutdown: WaitForCancellationFutureOwned,
-        #[pin]
-        budget: Option<Sleep>,
-        // The runtime has no time driver: the budget cannot be enforced.
-        untimed: bool,
-    }
-}
-
-impl Watch {
-    /// Polls the shutdown deadline, and the budget once `deadline` is known.
-    fn poll_stop(
-        self: Pin<&mut Self>,
-        deadline: Option<Instant>,
-        cx: &mut Context<'_>,
-    ) -> Option<Stop> {
-        let mut this = self.project();
-        if this.shutdown.poll(cx).is_ready() {
-            return Some(Stop::Shutdown);
-        }
-        let deadline = deadline.filter(|_| !*this.untimed)?;
-        if this.budget.is_none() {
-            // Tokio panics when the runtime was built without its time driver: rather than lose
-            // the callbacks, run them without a budget and say so.
-            match catch_unwind(|| tokio::time::sleep_until(deadline)) {
-                Ok(sleep) => this.budget.set(Some(sleep)),
-                Err(_) => {
-                    *this.untimed = true;
-                    tracing::error!(
-                        "after callbacks run without their max duration: the Tokio runtime has \
-                         no time driver (build it with `enable_time()` or `enable_all()`)"
-                    );
-                    return None;
-                }
-            }
-        }
-        let budget = this.budget.as_pin_mut()?;
-        budget.poll(cx).is_ready().then_some(Stop::Budget)
     }
 }
 
@@ -471,7 +422,7 @@ impl Future for DriverTask {
             }
             // Nothing has been polled yet: work arriving too late never starts.
             if arrived {
-                if scope.shared.shutdown.is_cancelled() {
+                if scope.shared.watch.is_shut_down() {
                     return stop(this.scope, this.running, this.done, Stop::Shutdown);
                 }
                 if scope
@@ -499,15 +450,13 @@ impl Future for DriverTask {
             }
         }
 
-        // Something is still running: watch the shutdown deadline and the request's budget.
-        let watch = this.watch.get_or_insert_with(|| {
-            Box::pin(Watch {
-                shutdown: scope.shared.shutdown.clone().cancelled_owned(),
-                budget: None,
-                untimed: false,
-            })
-        });
-        match watch.as_mut().poll_stop(scope.deadline(), cx) {
+        // Something is still running: the layer's watch wakes this driver when the request's
+        // budget or a shutdown's grace runs out.
+        match scope
+            .shared
+            .watch
+            .wait(this.ticket, cx.waker(), scope.deadline())
+        {
             Some(why) => stop(this.scope, this.running, this.done, why),
             None => Poll::Pending,
         }

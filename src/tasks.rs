@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::watch::Watch;
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.
@@ -15,8 +16,8 @@ use tokio_util::task::TaskTracker;
 pub(crate) struct Shared {
     /// The per-request driver tasks, so that shutdown can wait for them to settle.
     pub(crate) drivers: TaskTracker,
-    /// Cancelled when a shutdown's grace period runs out.
-    pub(crate) shutdown: CancellationToken,
+    /// Tells waiting drivers when their budget, or a shutdown's grace period, ran out.
+    pub(crate) watch: Arc<Watch>,
     /// Callbacks registered and not yet ended, whether they have started or not.
     pending: AtomicUsize,
     /// Woken whenever `pending` drops to zero while someone waits in `idle()`.
@@ -204,6 +205,11 @@ impl AfterTasks {
         Self { shared }
     }
 
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The number of callbacks and [`wait_until`](crate::After::wait_until) futures registered
     /// and not yet ended: queued behind a response that is still being sent, or running.
     #[must_use]
@@ -272,7 +278,7 @@ impl AfterTasks {
         let drained = tokio::time::timeout(grace, shared.idle()).await.is_ok();
         let mut left_queued = 0;
         if !drained {
-            shared.shutdown.cancel();
+            shared.watch.shut_down();
             // Every driver reacts to the cancellation at once; wait for them to settle. Callbacks
             // still queued behind an unfinished response are not in a driver yet.
             // The tracker stays closed: the layer is shutting down, and a second drain must not
