@@ -3,10 +3,11 @@
 //!
 //! Each request that registers work gets at most one *driver* at a time: a Tokio task that starts
 //! the callbacks in registration order, polls them concurrently, and stops them when the request's
-//! budget or the shutdown deadline runs out (the layer's watch, in `watch.rs`, tells it). The driver is spawned when there is something to run (the response
-//! finished with callbacks queued, or a `wait_until` future arrived) and retires as soon as it has
-//! nothing left, so requests without callbacks never spawn anything. Work that arrives after it
-//! retired spawns a new one.
+//! budget or the shutdown deadline runs out (the layer's watch, in `watch.rs`, tells it when).
+//! The driver is spawned when there is something to run (the response finished with callbacks
+//! queued, or a `wait_until` future arrived) and retires as soon as it has nothing left, so
+//! requests without callbacks never spawn anything. Work that arrives after it retired spawns a
+//! new one.
 //!
 //! Nothing here runs user code while holding the state lock, and nothing runs it inside the
 //! response's `poll` or `Drop`: finishing a response only moves callbacks to the driver. How one
