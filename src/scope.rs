@@ -453,11 +453,7 @@ impl Future for DriverTask {
 
         // Something is still running: the layer's watch wakes this driver when the request's
         // budget or a shutdown's grace runs out.
-        match scope
-            .shared
-            .watch
-            .wait(this.ticket, cx.waker(), scope.deadline())
-        {
+        match scope.shared.watch.wait(this.ticket, scope.deadline(), cx) {
             Some(why) => stop(this.scope, this.running, this.done, why),
             None => Poll::Pending,
         }

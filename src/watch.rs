@@ -10,6 +10,11 @@
 //! it; it exits when nothing is left to time, and the next deadline spawns it again. A shutdown
 //! wakes every ticket holder. Drivers read their fate under the same lock that wakes them, so
 //! no wake-up is lost between the two.
+//!
+//! The watcher runs on one runtime, and a runtime that is not driven (or has no time driver)
+//! cannot time anything else's deadlines. So only the drivers of the watcher's own runtime rely
+//! on it; a layer that also serves from other runtimes times those drivers' deadlines with a
+//! `Sleep` of their own, as a fallback that costs what the shared watch saves.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -19,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::time::{Instant, Sleep};
 
 /// Why a driver must stop its callbacks before their end.
@@ -56,6 +62,8 @@ struct State {
 struct Slot {
     waker: Option<Waker>,
     deadline: Option<Instant>,
+    /// The deadline of a driver on another runtime than the watcher's, timed by the driver.
+    sleep: Option<Pin<Box<Sleep>>>,
     expired: bool,
 }
 
@@ -64,10 +72,13 @@ enum Watcher {
     /// None runs: the next deadline spawns one.
     #[default]
     Absent,
-    /// One runs; wake it when an earlier deadline arrives.
-    Running(Option<Waker>),
-    /// The runtime has no time driver: budgets cannot be enforced.
-    Unavailable,
+    /// One runs on `runtime`; wake it when an earlier deadline arrives.
+    Running {
+        runtime: RuntimeId,
+        waker: Option<Waker>,
+    },
+    /// `runtime` has no time driver: the budgets of its requests cannot be enforced.
+    Unavailable { runtime: RuntimeId },
 }
 
 impl Watch {
@@ -84,8 +95,8 @@ impl Watch {
     pub(crate) fn wait(
         self: &Arc<Self>,
         ticket: &mut Option<Ticket>,
-        waker: &Waker,
         deadline: Option<Instant>,
+        cx: &mut Context<'_>,
     ) -> Option<Stop> {
         let mut state = self.state();
         if self.is_shut_down() {
@@ -103,43 +114,92 @@ impl Watch {
         if slot.expired {
             return Some(Stop::Budget);
         }
-        if !slot.waker.as_ref().is_some_and(|old| old.will_wake(waker)) {
-            slot.waker = Some(waker.clone());
+        if !slot
+            .waker
+            .as_ref()
+            .is_some_and(|old| old.will_wake(cx.waker()))
+        {
+            slot.waker = Some(cx.waker().clone());
         }
-        if let Some(deadline) = deadline.filter(|_| slot.deadline.is_none()) {
-            slot.deadline = Some(deadline);
-            self.time(state, deadline, index);
+        if let Some(sleep) = &mut slot.sleep {
+            // Polled under the lock: a timer never calls back into the watch.
+            if sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            slot.expired = true;
+            return Some(Stop::Budget);
         }
-        None
+        match deadline.filter(|_| slot.deadline.is_none()) {
+            Some(deadline) => {
+                slot.deadline = Some(deadline);
+                self.time(state, deadline, index, cx)
+            }
+            None => None,
+        }
     }
 
-    /// Puts a ticket's deadline before the watcher: spawns one if none runs, wakes it if this
-    /// deadline is now the earliest.
-    fn time(self: &Arc<Self>, mut state: MutexGuard<'_, State>, deadline: Instant, index: u32) {
-        state.deadlines.insert((deadline, index));
-        let earliest = state.deadlines.first() == Some(&(deadline, index));
-        match &mut state.watcher {
-            Watcher::Absent => {
-                // Drivers run on a runtime, so there is one; without it, nothing can be timed.
-                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    return;
+    /// Times a ticket's new deadline: by the watcher if it runs on this driver's runtime (spawned
+    /// if none runs; woken if this deadline is now the earliest), else by a `Sleep` of its own.
+    fn time(
+        self: &Arc<Self>,
+        mut state: MutexGuard<'_, State>,
+        deadline: Instant,
+        index: u32,
+        cx: &mut Context<'_>,
+    ) -> Option<Stop> {
+        // Drivers run on a runtime, so there is one; without it, nothing can be timed.
+        let runtime = Handle::try_current().ok()?;
+        let id = runtime.id();
+        let earliest = state
+            .deadlines
+            .first()
+            .is_none_or(|&(first, _)| deadline < first);
+        let State {
+            deadlines, watcher, ..
+        } = &mut *state;
+        match watcher {
+            Watcher::Running { runtime, waker } if *runtime == id => {
+                deadlines.insert((deadline, index));
+                let waker = if earliest { waker.take() } else { None };
+                drop(state);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+                None
+            }
+            // Logged once, by the watcher that found it out.
+            Watcher::Unavailable { runtime } if *runtime == id => None,
+            // None serves a runtime that needs it: this one takes the watch.
+            Watcher::Absent | Watcher::Unavailable { .. } if deadlines.is_empty() => {
+                *watcher = Watcher::Running {
+                    runtime: id,
+                    waker: None,
                 };
-                state.watcher = Watcher::Running(None);
+                deadlines.insert((deadline, index));
                 drop(state);
                 runtime.spawn(Watching {
                     watch: self.clone(),
+                    runtime: id,
                     sleep: None,
                     exited: false,
                 });
+                None
             }
-            Watcher::Running(watcher) if earliest => {
-                let watcher = watcher.take();
-                drop(state);
-                if let Some(watcher) = watcher {
-                    watcher.wake();
-                }
+            // The watch serves another runtime: this driver times its own deadline.
+            Watcher::Absent | Watcher::Running { .. } | Watcher::Unavailable { .. } => {
+                // Tokio panics when the runtime was built without its time driver: rather than
+                // lose the callbacks, run them without a budget and say so.
+                let Ok(sleep) = catch_unwind(|| Box::pin(tokio::time::sleep_until(deadline)))
+                else {
+                    drop(state);
+                    no_time_driver();
+                    return None;
+                };
+                let slot = &mut state.slots[index as usize];
+                let ready = slot.sleep.insert(sleep).as_mut().poll(cx).is_ready();
+                slot.expired = ready;
+                ready.then_some(Stop::Budget)
             }
-            Watcher::Running(_) | Watcher::Unavailable => {}
         }
     }
 
@@ -147,11 +207,15 @@ impl Watch {
     pub(crate) fn leave(&self, Ticket(index): Ticket) {
         let mut state = self.state();
         let slot = std::mem::take(&mut state.slots[index as usize]);
-        if let (Some(deadline), false) = (slot.deadline, slot.expired) {
+        if let (Some(deadline), None, false) = (slot.deadline, &slot.sleep, slot.expired) {
             state.deadlines.remove(&(deadline, index));
         }
         state.free.push(index);
         state.live -= 1;
+        // Under steady load the table keeps the size of its largest burst (about 50 bytes a
+        // slot); it shrinks once nothing waits. The watcher, if it runs, sleeps on until the
+        // deadline it last saw, then exits: waking it here would respawn one per request at
+        // low load.
         if state.live == 0 {
             // Nothing waits: give back what a burst grew, keep what steady use needs.
             state.free.clear();
@@ -190,9 +254,17 @@ impl State {
     }
 }
 
+fn no_time_driver() {
+    tracing::error!(
+        "after callbacks run without their max duration: the Tokio runtime has no time driver \
+         (build it with `enable_time()` or `enable_all()`)"
+    );
+}
+
 /// The watcher task: sleeps until the earliest deadline, then marks and wakes what expired.
 struct Watching {
     watch: Arc<Watch>,
+    runtime: RuntimeId,
     sleep: Option<Pin<Box<Sleep>>>,
     /// It left `Watcher::Absent` behind itself: its drop must not touch a successor.
     exited: bool,
@@ -222,10 +294,13 @@ impl Future for Watching {
                     state.watcher = Watcher::Absent;
                     this.exited = true;
                 }
-                Some(_) => match &mut state.watcher {
-                    Watcher::Running(Some(waker)) if waker.will_wake(cx.waker()) => {}
-                    watcher => *watcher = Watcher::Running(Some(cx.waker().clone())),
-                },
+                Some(_) => {
+                    if let Watcher::Running { waker, .. } = &mut state.watcher {
+                        if !waker.as_ref().is_some_and(|old| old.will_wake(cx.waker())) {
+                            *waker = Some(cx.waker().clone());
+                        }
+                    }
+                }
             }
             drop(state);
             expired.into_iter().for_each(Waker::wake);
@@ -247,13 +322,11 @@ impl Future for Watching {
                     })) {
                         Ok(sleep) => this.sleep.insert(sleep),
                         Err(_) => {
-                            this.watch.state().watcher = Watcher::Unavailable;
+                            this.watch.state().watcher = Watcher::Unavailable {
+                                runtime: this.runtime,
+                            };
                             this.exited = true;
-                            tracing::error!(
-                                "after callbacks run without their max duration: the Tokio \
-                                 runtime has no time driver (build it with `enable_time()` or \
-                                 `enable_all()`)"
-                            );
+                            no_time_driver();
                             return Poll::Ready(());
                         }
                     }
@@ -271,7 +344,7 @@ impl Drop for Watching {
         // Dropped unfinished (its runtime shut down): let the next deadline spawn a new one.
         if !self.exited {
             let mut state = self.watch.state();
-            if matches!(state.watcher, Watcher::Running(_)) {
+            if matches!(state.watcher, Watcher::Running { .. }) {
                 state.watcher = Watcher::Absent;
             }
         }
@@ -281,8 +354,9 @@ impl Drop for Watching {
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
+    use std::future::Future;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use http::{Request, Response};
@@ -290,7 +364,7 @@ mod tests {
     use tokio::time::Instant;
     use tower::{service_fn, Layer, ServiceExt};
 
-    use crate::test_util::settle;
+    use crate::test_util::{eventually, settle, Logs};
     use crate::{After, AfterLayer, MaxDuration};
 
     /// Serves one request whose route has `budget` and whose one callback sleeps for `sleep`;
@@ -302,13 +376,23 @@ mod tests {
         ended: &Arc<AtomicUsize>,
     ) {
         let ended = ended.clone();
+        let callback = async move {
+            tokio::time::sleep(sleep).await;
+            ended.fetch_add(1, Ordering::SeqCst);
+        };
+        request_with(layer, budget, callback).await;
+    }
+
+    /// Serves one request whose route has `budget` and whose one callback is `callback`.
+    async fn request_with(
+        layer: &AfterLayer,
+        budget: Duration,
+        callback: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let callback = Mutex::new(Some(callback));
         let handler = service_fn(move |request: Request<()>| {
             let after = request.extensions().get::<After>().unwrap().clone();
-            let ended = ended.clone();
-            after.run(async move {
-                tokio::time::sleep(sleep).await;
-                ended.fetch_add(1, Ordering::SeqCst);
-            });
+            after.run(callback.lock().unwrap().take().unwrap());
             async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
         });
         let service = layer.layer(MaxDuration::new(budget).layer(handler));
@@ -411,5 +495,51 @@ mod tests {
         });
         assert_eq!(tasks.stats().timed_out(), 1);
         assert_eq!(tasks.pending(), 0);
+    }
+
+    /// A current-thread runtime, which runs its tasks only inside `block_on`.
+    fn current_thread(time: bool) -> tokio::runtime::Runtime {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        if time {
+            builder.enable_time();
+        }
+        builder.build().unwrap()
+    }
+
+    /// Serves on `first` a request whose callback outlives the test, then on a second runtime
+    /// one with a 100 ms budget: that budget must hold whatever `first` can do.
+    fn a_second_runtime_keeps_its_budgets(first: &tokio::runtime::Runtime) {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let ended = Arc::new(AtomicUsize::new(0));
+        let forever = Duration::from_secs(3600);
+        let never = std::future::pending();
+        first.block_on(request_with(&layer, Duration::from_millis(10), never));
+        first.block_on(settle());
+        assert_eq!(slots(&layer), 1);
+        let second = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            request(&layer, Duration::from_millis(100), forever, &ended).await;
+            eventually("the 100 ms budget", || tasks.stats().timed_out() >= 1).await;
+        });
+        assert_eq!(ended.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn budgets_hold_on_a_second_runtime_while_the_first_is_idle() {
+        // Outside `block_on` the first runtime's watcher is stuck, with the first request's
+        // deadline long passed.
+        a_second_runtime_keeps_its_budgets(&current_thread(true));
+    }
+
+    #[test]
+    fn a_runtime_without_a_time_driver_does_not_disable_budgets_elsewhere() {
+        let logs = Logs::capture();
+        a_second_runtime_keeps_its_budgets(&current_thread(false));
+        assert_eq!(logs.lines_with("no time driver").len(), 1);
     }
 }
