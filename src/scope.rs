@@ -287,10 +287,7 @@ impl Scope {
     fn intake(&self, waker: &Waker, idle: bool) -> Option<Intake> {
         let mut state = self.state();
         let early = mem::take(&mut state.early);
-        let finished = match self.finished.get() {
-            Some(_) => Some(mem::take(&mut state.queue)),
-            None => None,
-        };
+        let finished = self.finished.get().map(|_| mem::take(&mut state.queue));
         let nothing_new = early.is_empty() && finished.as_ref().is_none_or(|jobs| jobs.is_empty());
         if idle && nothing_new {
             state.driver = Driver::Absent;

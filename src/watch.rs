@@ -470,26 +470,15 @@ mod tests {
                 .build()
                 .unwrap()
         };
+        let (budget, long) = (Duration::from_secs(5), Duration::from_secs(100));
         // The first runtime ends while its watcher sleeps; its callback is dropped with it.
         paused().block_on(async {
-            request(
-                &layer,
-                Duration::from_secs(5),
-                Duration::from_secs(100),
-                &ended,
-            )
-            .await;
+            request(&layer, budget, long, &ended).await;
             settle().await;
         });
         assert_eq!(tasks.stats().cancelled(), 1);
         paused().block_on(async {
-            request(
-                &layer,
-                Duration::from_secs(5),
-                Duration::from_secs(100),
-                &ended,
-            )
-            .await;
+            request(&layer, budget, long, &ended).await;
             tokio::time::sleep(Duration::from_secs(6)).await;
             settle().await;
         });
