@@ -18,7 +18,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -114,13 +114,7 @@ impl Watch {
         if slot.expired {
             return Some(Stop::Budget);
         }
-        if !slot
-            .waker
-            .as_ref()
-            .is_some_and(|old| old.will_wake(cx.waker()))
-        {
-            slot.waker = Some(cx.waker().clone());
-        }
+        remember(&mut slot.waker, cx.waker());
         if let Some(sleep) = &mut slot.sleep {
             // Polled under the lock: a timer never calls back into the watch.
             if sleep.as_mut().poll(cx).is_pending() {
@@ -187,10 +181,7 @@ impl Watch {
             }
             // The watch serves another runtime: this driver times its own deadline.
             Watcher::Absent | Watcher::Running { .. } | Watcher::Unavailable { .. } => {
-                // Tokio panics when the runtime was built without its time driver: rather than
-                // lose the callbacks, run them without a budget and say so.
-                let Ok(sleep) = catch_unwind(|| Box::pin(tokio::time::sleep_until(deadline)))
-                else {
+                let Some(sleep) = timer(deadline) else {
                     drop(state);
                     no_time_driver();
                     return None;
@@ -254,6 +245,19 @@ impl State {
     }
 }
 
+/// A timer for `deadline`, or `None` when the runtime has no time driver: Tokio panics then, and
+/// rather than lose the callbacks, the caller lets them run without a budget and says so.
+fn timer(deadline: Instant) -> Option<Pin<Box<Sleep>>> {
+    catch_unwind(|| Box::pin(tokio::time::sleep_until(deadline))).ok()
+}
+
+/// Keeps `waker` in `slot`, cloning it only when it would wake another task.
+fn remember(slot: &mut Option<Waker>, waker: &Waker) {
+    if !slot.as_ref().is_some_and(|old| old.will_wake(waker)) {
+        *slot = Some(waker.clone());
+    }
+}
+
 fn no_time_driver() {
     tracing::error!(
         "after callbacks run without their max duration: the Tokio runtime has no time driver \
@@ -296,9 +300,7 @@ impl Future for Watching {
                 }
                 Some(_) => {
                     if let Watcher::Running { waker, .. } = &mut state.watcher {
-                        if !waker.as_ref().is_some_and(|old| old.will_wake(cx.waker())) {
-                            *waker = Some(cx.waker().clone());
-                        }
+                        remember(waker, cx.waker());
                     }
                 }
             }
@@ -314,23 +316,17 @@ impl Future for Watching {
                     }
                     sleep
                 }
-                None => {
-                    // Tokio panics when the runtime was built without its time driver: rather
-                    // than lose the callbacks, let them run without a budget and say so.
-                    match catch_unwind(AssertUnwindSafe(|| {
-                        Box::pin(tokio::time::sleep_until(next))
-                    })) {
-                        Ok(sleep) => this.sleep.insert(sleep),
-                        Err(_) => {
-                            this.watch.state().watcher = Watcher::Unavailable {
-                                runtime: this.runtime,
-                            };
-                            this.exited = true;
-                            no_time_driver();
-                            return Poll::Ready(());
-                        }
+                None => match timer(next) {
+                    Some(sleep) => this.sleep.insert(sleep),
+                    None => {
+                        this.watch.state().watcher = Watcher::Unavailable {
+                            runtime: this.runtime,
+                        };
+                        this.exited = true;
+                        no_time_driver();
+                        return Poll::Ready(());
                     }
-                }
+                },
             };
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
