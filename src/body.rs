@@ -11,14 +11,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use crate::driver::Inflight;
+use crate::Completion;
 use bytes::Buf;
 use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
-
-use crate::scope::Scope;
-use crate::{Completion, Outcome};
 
 pin_project! {
     /// The response body of [`AfterService`](crate::AfterService): the inner body, unchanged,
@@ -58,7 +56,9 @@ pin_project! {
 impl<B: Body> AfterBody<B> {
     pub(crate) fn new(inner: B, mut finisher: Finisher) -> Self {
         finisher.expected = inner.size_hint().exact();
-        finisher.complete_on_drop |= inner.is_end_stream() || finisher.expected == Some(0);
+        if inner.is_end_stream() {
+            finisher.on_drop = Completion::Complete;
+        }
         Self { inner, finisher }
     }
 }
@@ -78,12 +78,14 @@ impl<B: Body> Body for AfterBody<B> {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     finisher.body_bytes += data.remaining() as u64;
+                    // All the bytes are out: the server may stop polling and drop the body now,
+                    // which then counts as complete. Trailers may still follow, so this is not
+                    // the end yet.
+                    if finisher.expected == Some(finisher.body_bytes) {
+                        finisher.on_drop = Completion::Complete;
+                    }
                 }
-                // The server may stop polling here without waiting for `None`.
-                let length_met = finisher
-                    .expected
-                    .is_some_and(|expected| finisher.body_bytes >= expected);
-                if length_met || this.inner.is_end_stream() {
+                if this.inner.is_end_stream() {
                     finisher.finish(Completion::Complete);
                 }
             }
@@ -106,34 +108,53 @@ impl<B: fmt::Debug> fmt::Debug for AfterBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AfterBody")
             .field("inner", &self.inner)
-            .field("finished", &self.finisher.scope.is_none())
+            .field("finished", &self.finisher.inflight.is_none())
             .finish()
     }
 }
 
-/// Reports the end of a request to its scope, exactly once: when told, or when dropped.
-/// The default one has nothing to report.
-#[derive(Default)]
+/// Reports the end of a request, exactly once: when told, or when dropped. It exists from
+/// before the inner service is called, so that even a panic in a synchronous `call` finishes
+/// the request. The default one has nothing to report.
 pub(crate) struct Finisher {
     /// Taken when the request finishes, so it cannot finish twice.
-    scope: Option<Arc<Scope>>,
+    inflight: Option<Arc<Inflight>>,
     status: Option<StatusCode>,
     body_bytes: u64,
-    /// The body's exact length, if known: the server may stop polling once it is met.
+    /// The body's exact length, if known.
     expected: Option<u64>,
-    /// Dropping means the response is complete: it has no body to send, or is at its end.
-    complete_on_drop: bool,
+    /// How the request ended if this is dropped now.
+    on_drop: Completion,
 }
 
-impl Finisher {
-    pub(crate) fn new(scope: Arc<Scope>) -> Self {
+impl Default for Finisher {
+    fn default() -> Self {
         Self {
-            scope: Some(scope),
+            inflight: None,
             status: None,
             body_bytes: 0,
             expected: None,
-            complete_on_drop: false,
+            on_drop: Completion::Aborted,
         }
+    }
+}
+
+impl Finisher {
+    /// A finisher for a request whose inner service is about to run: dropped now, it fails.
+    pub(crate) fn new(inflight: Arc<Inflight>) -> Self {
+        Self {
+            inflight: Some(inflight),
+            status: None,
+            body_bytes: 0,
+            expected: None,
+            on_drop: Completion::Failed,
+        }
+    }
+
+    /// How the request ends if this is dropped: `Failed` while user code runs (a panic unwinds
+    /// through it), `Aborted` while the server waits (the client may leave).
+    pub(crate) fn on_drop(&mut self, completion: Completion) {
+        self.on_drop = completion;
     }
 
     /// Records the response's status; a response the server sends without a body counts as
@@ -141,39 +162,31 @@ impl Finisher {
     pub(crate) fn responded(mut self, status: StatusCode) -> Self {
         self.status = Some(status);
         let head = self
-            .scope
+            .inflight
             .as_ref()
-            .is_some_and(|scope| scope.snapshot.method() == Method::HEAD);
-        self.complete_on_drop = head
+            .is_some_and(|inflight| inflight.snapshot.method() == Method::HEAD);
+        let bodiless = head
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
+        self.on_drop = if bodiless {
+            Completion::Complete
+        } else {
+            Completion::Aborted
+        };
         self
     }
 
     pub(crate) fn finish(&mut self, completion: Completion) {
-        if let Some(scope) = self.scope.take() {
-            let now = Instant::now();
-            let outcome = Outcome {
-                status: self.status,
-                completion,
-                body_bytes: self.body_bytes,
-                elapsed: now.saturating_duration_since(scope.entered),
-                finished_at: now.into_std(),
-            };
-            scope.finish(outcome, now);
+        if let Some(inflight) = self.inflight.take() {
+            inflight.finish(self.status, completion, self.body_bytes);
         }
     }
 }
 
 impl Drop for Finisher {
     fn drop(&mut self) {
-        let completion = if self.complete_on_drop {
-            Completion::Complete
-        } else {
-            Completion::Aborted
-        };
-        self.finish(completion);
+        self.finish(self.on_drop);
     }
 }
 
@@ -221,7 +234,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reaching_an_exact_length_is_the_end_even_if_never_polled_again() {
+    async fn reaching_an_exact_length_is_complete_once_dropped() {
         // hyper stops polling once Content-Length bytes went out, then drops the body.
         let (layer, seen) = (AfterLayer::new(), Seen::default());
         let service = recording(&layer, &seen, || {
@@ -229,12 +242,39 @@ mod tests {
         });
         let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
         body.frame().await.unwrap().unwrap();
+        settle().await;
+        assert!(seen.all().is_empty(), "trailers may still follow");
+        drop(body);
         let outcome = seen.one().await;
         assert_eq!(outcome.completion(), Completion::Complete);
         assert_eq!(outcome.body_bytes(), 5);
-        drop(body);
+    }
+
+    #[tokio::test]
+    async fn trailers_after_an_exact_length_are_part_of_the_response() {
+        // gRPC over HTTP/2: the data has its exact length, then `grpc-status` in trailers.
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || {
+            Response::new(TestBody::new(&["12345"], Then::Trailers).exact())
+        });
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
         settle().await;
-        assert_eq!(seen.all().len(), 1);
+        assert!(seen.all().is_empty(), "ran before the trailers");
+        let trailers = body.frame().await.unwrap().unwrap();
+        assert_eq!(trailers.trailers_ref().unwrap()["grpc-status"], "0");
+        assert!(body.frame().await.is_none());
+        assert_eq!(seen.one().await.completion(), Completion::Complete);
+
+        // Trailers that fail after the last byte: the response failed.
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, || {
+            Response::new(TestBody::new(&["12345"], Then::Error).exact())
+        });
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        assert!(body.frame().await.unwrap().is_err());
+        assert_eq!(seen.one().await.completion(), Completion::BodyError);
     }
 
     #[tokio::test]

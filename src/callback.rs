@@ -1,35 +1,35 @@
-//! How one callback runs: type-erased in a single allocation, started on its first poll once it
-//! has a place under the concurrency limit, polled inside its span with panics caught, and
-//! counted in the `running` and `queued` gauges while it lives.
+//! How one callback runs: type-erased in a single allocation, started once it has a place under
+//! the concurrency limit, polled inside its own span with panics caught, and accounted for in the
+//! layer's ledger exactly once, however it ends.
 
 use std::any::Any;
+use std::borrow::Cow;
+use std::fmt;
 use std::future::Future;
-use std::mem;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pin_project_lite::pin_project;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit};
-use tokio::task::JoinHandle;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tracing::Span;
 
-use crate::scope::{Scope, Work};
-use crate::tasks::Gauge;
-use crate::{After, AfterContext};
+use crate::scope::Named;
+use crate::tasks::{Ended, Gauge, Ticket};
+use crate::{AfterContext, RequestSnapshot};
 
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
-pub(crate) type BoxBlocking = Box<dyn FnOnce(AfterContext) + Send>;
 type BoxAcquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
-/// An async callback, type-erased in a single allocation: a plain future, or a `run_with`
-/// closure that becomes its future in place when it starts.
+/// An async callback, type-erased: a plain future, or a `run_with` closure that becomes its
+/// future in place when it starts.
 pub(crate) trait Callback: Send {
-    /// Polls the callback; a `run_with` closure is called with the context of `scope` when it
-    /// starts, so a context exists only for the callbacks that read one.
-    fn poll_run(self: Pin<&mut Self>, scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<()>;
+    /// Polls the callback; a `run_with` closure is first called with `ctx`, so that a context is
+    /// only ever made for the callbacks that read one.
+    fn poll_run(self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()>;
 }
 
 pin_project! {
@@ -47,7 +47,7 @@ impl<F> Plain<F> {
 }
 
 impl<F: Future<Output = ()> + Send> Callback for Plain<F> {
-    fn poll_run(self: Pin<&mut Self>, _scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_run(self: Pin<&mut Self>, _ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()> {
         self.project().future.poll(cx)
     }
 }
@@ -74,20 +74,207 @@ where
     C: FnOnce(AfterContext) -> F + Send,
     F: Future<Output = ()> + Send,
 {
-    fn poll_run(mut self: Pin<&mut Self>, scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_run(mut self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.as_mut().project() {
                 WithContextProjection::Start { callback } => {
-                    // Such callbacks start only once the response finished (`Start::AfterResponse`).
                     let Some(callback) = callback.take() else {
                         return Poll::Ready(());
                     };
-                    let future = callback(AfterContext::new(scope.clone()));
+                    let future = callback(ctx.clone());
                     self.set(Self::Run { future });
                 }
                 WithContextProjection::Run { future } => return future.poll(cx),
             }
         }
+    }
+}
+
+/// Work registered with `After`, not started yet.
+pub(crate) struct Job {
+    callback: BoxCallback,
+    span: Span,
+    name: Option<Cow<'static, str>>,
+    ticket: Ticket,
+}
+
+impl Job {
+    pub(crate) fn new(
+        callback: BoxCallback,
+        span: Span,
+        name: Option<Cow<'static, str>>,
+        ticket: Ticket,
+    ) -> Self {
+        Self {
+            callback,
+            span,
+            name,
+            ticket,
+        }
+    }
+
+    /// Drops the job before it started, counted as `how`.
+    pub(crate) fn end(self, how: Ended, request: &RequestSnapshot) {
+        let Self {
+            callback,
+            span,
+            name,
+            mut ticket,
+        } = self;
+        let _entered = span.enter();
+        drop_quietly(callback, request, name.as_deref());
+        ticket.close(how);
+    }
+}
+
+impl Named for Job {
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+/// Why a driver stops its callbacks before their end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The request's budget, of this length, ran out.
+    Budget(Duration),
+    /// A shutdown's grace period ran out.
+    Shutdown,
+}
+
+impl Stop {
+    fn ended(self) -> Ended {
+        match self {
+            Self::Budget(_) => Ended::TimedOut,
+            Self::Shutdown => Ended::Cancelled,
+        }
+    }
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Budget(budget) => write!(
+                f,
+                "the request's max duration of {budget:?} ran out (raise it with `MaxDuration` \
+                 on the route or `AfterLayer::max_duration`)"
+            ),
+            Self::Shutdown => f.write_str("the shutdown grace period ran out"),
+        }
+    }
+}
+
+/// One callback taken by its driver: waiting for a place under the concurrency limit, then
+/// running inside its span, with panics caught. Counted in the `queued` or `running` gauge while
+/// it lives, and in the ledger once it ends, stops, or is dropped.
+pub(crate) struct Running {
+    /// `None` once it ended.
+    callback: Option<BoxCallback>,
+    span: Span,
+    name: Option<Cow<'static, str>>,
+    ticket: Ticket,
+    ctx: AfterContext,
+    /// `Some` while it waits for a place under the limit.
+    acquire: Option<BoxAcquire>,
+    /// Its place under the limit, held until it ends.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Running {
+    pub(crate) fn new(job: Job, ctx: AfterContext, limit: Option<&Arc<Semaphore>>) -> Self {
+        let Job {
+            callback,
+            span,
+            name,
+            ticket,
+        } = job;
+        let acquire = limit.map(|limit| -> BoxAcquire { Box::pin(limit.clone().acquire_owned()) });
+        let running = Self {
+            callback: Some(callback),
+            span,
+            name,
+            ticket,
+            ctx,
+            acquire,
+            _permit: None,
+        };
+        running.ticket.shared().gauge(running.gauge(), true);
+        running
+    }
+
+    fn gauge(&self) -> Gauge {
+        if self.acquire.is_some() {
+            Gauge::Queued
+        } else {
+            Gauge::Running
+        }
+    }
+
+    /// Stops the callback before its end, with a warning in its span.
+    pub(crate) fn stop(mut self, why: Stop) {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        let request = self.ctx.request();
+        tracing::warn!(
+            method = %request.method(),
+            path = request.uri().path(),
+            name = self.name.as_deref(),
+            "after callback cancelled: {why}"
+        );
+        self.end(why.ended());
+    }
+
+    /// Drops the callback and accounts for it as `how`.
+    fn end(&mut self, how: Ended) {
+        if let Some(callback) = self.callback.take() {
+            drop_quietly(callback, self.ctx.request(), self.name.as_deref());
+        }
+        self.ticket.close(how);
+    }
+}
+
+impl Future for Running {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if let Some(acquire) = &mut this.acquire {
+            let Poll::Ready(permit) = acquire.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            // The semaphore is never closed, so this is always a permit.
+            this._permit = permit.ok();
+            this.acquire = None;
+            let shared = this.ticket.shared();
+            shared.gauge(Gauge::Queued, false);
+            shared.gauge(Gauge::Running, true);
+        }
+        let Some(callback) = &mut this.callback else {
+            return Poll::Ready(());
+        };
+        let entered = this.span.enter();
+        let polled = catch_unwind(AssertUnwindSafe(|| {
+            callback.as_mut().poll_run(&this.ctx, cx)
+        }));
+        let how = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(())) => Ended::Completed,
+            Err(panic) => {
+                log_panic(this.ctx.request(), this.name.as_deref(), &*panic);
+                Ended::Panicked
+            }
+        };
+        drop(entered);
+        this.end(how);
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.ticket.shared().gauge(self.gauge(), false);
+        // Dropped before its end (the runtime is shutting down): counted as cancelled.
+        self.end(Ended::Cancelled);
     }
 }
 
@@ -109,25 +296,21 @@ impl Callbacks {
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |rest| rest.len())
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The next callback to end, `None` when none is left, or pending.
-    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Exit>> {
+    /// Polls until a callback ends: `None` when none is left, or pending.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
         if let Some(first) = &mut self.first {
-            if let Poll::Ready(exit) = Pin::new(first).poll(cx) {
+            if Pin::new(first).poll(cx).is_ready() {
                 self.first = None;
-                return Poll::Ready(Some(exit));
+                return Poll::Ready(Some(()));
             }
         }
         if let Some(rest) = &mut self.rest {
-            if let Poll::Ready(Some(exit)) = rest.poll_next_unpin(cx) {
-                return Poll::Ready(Some(exit));
+            if let Poll::Ready(Some(())) = rest.poll_next_unpin(cx) {
+                return Poll::Ready(Some(()));
             }
         }
         if self.is_empty() {
@@ -136,167 +319,39 @@ impl Callbacks {
             Poll::Pending
         }
     }
-}
 
-/// How a callback ended, as far as its driver can tell.
-pub(crate) enum Exit {
-    Completed,
-    Panicked(Box<dyn Any + Send>),
-    /// The runtime dropped a blocking callback before it started.
-    Cancelled,
-}
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |rest| rest.len())
+    }
 
-enum Stage {
-    /// Not started: waiting for its first poll, or for a place under the concurrency limit.
-    Waiting {
-        work: Work,
-        acquire: Option<BoxAcquire>,
-    },
-    Async {
-        callback: BoxCallback,
-        _slot: Slot,
-    },
-    /// Handed to the blocking pool, which holds its slot.
-    Blocking(JoinHandle<()>),
-    Done,
-}
-
-/// A callback's place among the running ones: counted in the `running` gauge, and holding its
-/// concurrency permit, until dropped.
-struct Slot {
-    scope: Arc<Scope>,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Slot {
-    fn new(scope: &Arc<Scope>, permit: Option<OwnedSemaphorePermit>) -> Self {
-        scope.shared.gauge(Gauge::Running, true);
-        Self {
-            scope: scope.clone(),
-            _permit: permit,
+    /// Stops every callback still running.
+    pub(crate) fn stop(&mut self, why: Stop) {
+        let first = self.first.take();
+        let rest = self.rest.take().map(|rest| *rest).unwrap_or_default();
+        for running in first.into_iter().chain(rest) {
+            running.stop(why);
         }
     }
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.scope.shared.gauge(Gauge::Running, false);
+/// Drops a user's callback, catching and logging a panic in its `Drop`.
+fn drop_quietly(callback: BoxCallback, request: &RequestSnapshot, name: Option<&str>) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(callback))) {
+        log_panic(request, name, &*panic);
     }
 }
 
-/// One callback being run: started on its first poll (once it has a place under the
-/// concurrency limit), inside its span, with panics caught.
-pub(crate) struct Running {
-    stage: Stage,
-    span: Span,
-    scope: Arc<Scope>,
-}
-
-impl Running {
-    pub(crate) fn new(scope: &Arc<Scope>, work: Work, span: Span) -> Self {
-        Self {
-            stage: Stage::Waiting {
-                work,
-                acquire: None,
-            },
-            span,
-            scope: scope.clone(),
-        }
-    }
-}
-
-impl Future for Running {
-    type Output = Exit;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Exit> {
-        let Running { stage, span, scope } = self.get_mut();
-        let _entered = span.enter();
-        match catch_unwind(AssertUnwindSafe(|| advance(stage, span, scope, cx))) {
-            Ok(poll) => poll,
-            Err(panic) => {
-                // Leaving `Done` behind drops the callback.
-                *stage = Stage::Done;
-                Poll::Ready(Exit::Panicked(panic))
-            }
-        }
-    }
-}
-
-fn advance(stage: &mut Stage, span: &Span, scope: &Arc<Scope>, cx: &mut Context<'_>) -> Poll<Exit> {
-    let shared = &scope.shared;
-    loop {
-        *stage = match mem::replace(stage, Stage::Done) {
-            Stage::Waiting { work, mut acquire } => {
-                let permit = match &scope.limit {
-                    None => None,
-                    Some(limit) => {
-                        let waiting = acquire.get_or_insert_with(|| {
-                            shared.gauge(Gauge::Queued, true);
-                            Box::pin(limit.clone().acquire_owned())
-                        });
-                        let Poll::Ready(permit) = waiting.as_mut().poll(cx) else {
-                            *stage = Stage::Waiting { work, acquire };
-                            return Poll::Pending;
-                        };
-                        shared.gauge(Gauge::Queued, false);
-                        // The semaphore is never closed, so this is always a permit.
-                        permit.ok()
-                    }
-                };
-                let slot = Slot::new(scope, permit);
-                match work {
-                    Work::Async(callback) => Stage::Async {
-                        callback,
-                        _slot: slot,
-                    },
-                    Work::Blocking(callback) => {
-                        let ctx = AfterContext::new(scope.clone());
-                        let (span, after) = (span.clone(), After::from_scope(scope.clone()));
-                        Stage::Blocking(tokio::task::spawn_blocking(move || {
-                            let _slot = slot;
-                            let _entered = span.enter();
-                            crate::after::sync_scoped(after, || callback(ctx));
-                        }))
-                    }
-                }
-            }
-            Stage::Async {
-                mut callback,
-                _slot,
-            } => {
-                if callback.as_mut().poll_run(scope, cx).is_ready() {
-                    return Poll::Ready(Exit::Completed);
-                }
-                *stage = Stage::Async { callback, _slot };
-                return Poll::Pending;
-            }
-            Stage::Blocking(mut handle) => {
-                return match Pin::new(&mut handle).poll(cx) {
-                    Poll::Pending => {
-                        *stage = Stage::Blocking(handle);
-                        Poll::Pending
-                    }
-                    Poll::Ready(Ok(())) => Poll::Ready(Exit::Completed),
-                    Poll::Ready(Err(error)) => Poll::Ready(match error.try_into_panic() {
-                        Ok(panic) => Exit::Panicked(panic),
-                        Err(_) => Exit::Cancelled,
-                    }),
-                }
-            }
-            Stage::Done => return Poll::Ready(Exit::Completed),
-        };
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        match &self.stage {
-            Stage::Waiting {
-                acquire: Some(_), ..
-            } => self.scope.shared.gauge(Gauge::Queued, false),
-            // A blocking callback that has not started yet never will; one that has runs on.
-            Stage::Blocking(handle) => handle.abort(),
-            _ => {}
-        }
-    }
+fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: &(dyn Any + Send)) {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)");
+    tracing::error!(
+        method = %request.method(),
+        path = request.uri().path(),
+        name,
+        panic = message,
+        "after callback panicked"
+    );
 }

@@ -6,8 +6,15 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use crate::scope::Scope;
 use crate::RequestSnapshot;
+
+/// A request whose response has finished, as its callbacks see it. Implemented by the request's
+/// state in `driver.rs`; a trait here so that this module needs nothing from the driver.
+pub(crate) trait Finished: Send + Sync {
+    fn request(&self) -> &RequestSnapshot;
+    /// Only called once the response has finished.
+    fn outcome(&self) -> &Outcome;
+}
 
 /// What a [`run_with`](crate::After::run_with) callback receives: the request as it arrived and
 /// how its response ended.
@@ -30,14 +37,13 @@ use crate::RequestSnapshot;
 /// ```
 #[derive(Clone)]
 pub struct AfterContext {
-    /// A scope whose response has finished: its outcome is set.
-    scope: Arc<Scope>,
+    request: Arc<dyn Finished>,
 }
 
 impl AfterContext {
-    /// Made by the driver only once `scope`'s response has finished.
-    pub(crate) fn new(scope: Arc<Scope>) -> Self {
-        Self { scope }
+    /// Made by the driver only once the response has finished.
+    pub(crate) fn new(request: Arc<dyn Finished>) -> Self {
+        Self { request }
     }
 
     /// The request as it was when it entered [`AfterLayer`](crate::AfterLayer): method, URI,
@@ -52,7 +58,7 @@ impl AfterContext {
     /// ```
     #[must_use]
     pub fn request(&self) -> &RequestSnapshot {
-        &self.scope.snapshot
+        self.request.request()
     }
 
     /// How the response ended: status, [`Completion`], bytes sent and time taken.
@@ -68,7 +74,7 @@ impl AfterContext {
     /// ```
     #[must_use]
     pub fn outcome(&self) -> &Outcome {
-        self.scope.outcome()
+        self.request.outcome()
     }
 }
 

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use tokio::sync::Semaphore;
 
-use crate::scope::Config;
+use crate::driver::Config;
 use crate::tasks::Shared;
 use crate::{After, AfterService, AfterTasks};
 
@@ -64,6 +64,7 @@ impl AfterLayer {
             config: Config {
                 max_duration: Self::DEFAULT_MAX_DURATION,
                 limit: None,
+                limit_size: None,
             },
         }
     }
@@ -116,6 +117,7 @@ impl AfterLayer {
             "`AfterLayer::concurrency_limit(0)` would never run a callback: give at least 1"
         );
         self.config.limit = Some(Arc::new(Semaphore::new(limit)));
+        self.config.limit_size = Some(limit);
         self
     }
 
@@ -151,10 +153,7 @@ impl fmt::Debug for AfterLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AfterLayer")
             .field("max_duration", &self.config.max_duration)
-            .field(
-                "concurrency_limit",
-                &self.config.limit.as_ref().map(|_| "set"),
-            )
+            .field("concurrency_limit", &self.config.limit_size)
             .field("tasks", &self.tasks())
             .finish()
     }
@@ -242,7 +241,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         match request.extensions().get::<After>() {
-            Some(after) => after.scope().set_budget(self.max_duration),
+            Some(after) => after.set_budget(self.max_duration),
             None => tracing::debug!("`MaxDuration` has no effect outside `AfterLayer`"),
         }
         self.inner.call(request)

@@ -181,10 +181,14 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-mod after;
 mod body;
 mod callback;
 mod context;
+mod driver;
+#[cfg(feature = "axum")]
+mod extract;
+mod future;
+mod handle;
 mod layer;
 mod scope;
 mod service;
@@ -192,14 +196,14 @@ mod snapshot;
 mod tasks;
 #[cfg(test)]
 mod test_util;
-mod watch;
 
-#[cfg(feature = "axum")]
-pub use after::MissingAfterLayer;
-pub use after::{after, After};
 pub use body::AfterBody;
 pub use context::{AfterContext, Completion, Outcome};
+#[cfg(feature = "axum")]
+pub use extract::MissingAfterLayer;
+pub use future::ResponseFuture;
+pub use handle::{after, After};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
-pub use service::{AfterService, ResponseFuture};
+pub use service::AfterService;
 pub use snapshot::RequestSnapshot;
 pub use tasks::{AfterStats, AfterTasks, ShutdownReport};

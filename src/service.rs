@@ -1,22 +1,15 @@
-//! [`AfterService`] and its [`ResponseFuture`]: where a request's scope is opened and where a
-//! response that never came is noticed.
+//! [`AfterService`]: where a request's scope is opened.
 
-use std::future::Future;
-use std::mem;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
 use tower_service::Service;
 
-use crate::after::scoped;
 use crate::body::Finisher;
-use crate::scope::{Config, Scope};
+use crate::driver::{Config, Inflight, CURRENT};
+use crate::future::ResponseFuture;
 use crate::tasks::Shared;
 use crate::{After, AfterBody, Completion, RequestSnapshot};
 
@@ -88,77 +81,16 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let snapshot = RequestSnapshot::new(&request);
-        let scope = Arc::new(Scope::new(snapshot, self.shared.clone(), &self.config));
-        let after = After::from_scope(scope.clone());
-        request.extensions_mut().insert(after.clone());
-        ResponseFuture {
-            inner: scoped(after, self.inner.call(request)),
-            finisher: Finisher::new(scope),
-        }
-    }
-}
-
-pin_project! {
-    /// Response future of [`AfterService`].
-    ///
-    /// If it ends without a response (the inner service failed or panicked) or is dropped before
-    /// one (the client left while the handler ran), the request's callbacks start right away.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() {
-    /// use std::convert::Infallible;
-    /// use http::{Request, Response};
-    /// use tower::{service_fn, Layer, Service};
-    /// use tower_after::AfterLayer;
-    ///
-    /// let mut service = AfterLayer::new().layer(service_fn(|_: Request<()>| async {
-    ///     Ok::<_, Infallible>(Response::new(String::new()))
-    /// }));
-    /// let future: tower_after::ResponseFuture<_> = service.call(Request::new(()));
-    /// let response = future.await.unwrap(); // its body is an `AfterBody`
-    /// # drop(response);
-    /// # }
-    /// ```
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: TaskLocalFuture<After, F>,
-        finisher: Finisher,
-    }
-}
-
-impl<F, ResBody, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-    ResBody: Body,
-{
-    type Output = Result<Response<AfterBody<ResBody>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let polled = catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx)));
-        match polled {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(Ok(response))) => {
-                let status = response.status();
-                let finisher = mem::take(this.finisher).responded(status);
-                Poll::Ready(Ok(response.map(|body| AfterBody::new(body, finisher))))
-            }
-            Ok(Poll::Ready(Err(error))) => {
-                this.finisher.finish(Completion::Failed);
-                Poll::Ready(Err(error))
-            }
-            Err(panic) => {
-                this.finisher.finish(Completion::Failed);
-                resume_unwind(panic)
-            }
-        }
-    }
-}
-
-impl<F> std::fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+        let inflight = Arc::new(Inflight::new(snapshot, &self.shared, &self.config));
+        request
+            .extensions_mut()
+            .insert(After::new(inflight.clone()));
+        // Before the inner call: if it panics, unwinding drops the finisher, which fails the
+        // request, so that work registered in `call` still runs.
+        let mut finisher = Finisher::new(inflight.clone());
+        let inner = self.inner.call(request);
+        finisher.on_drop(Completion::Aborted);
+        ResponseFuture::new(CURRENT.scope(inflight, inner), finisher)
     }
 }
 
@@ -271,7 +203,7 @@ mod tests {
             let flag = flag.clone();
             async move {
                 // In the future, the task-local is the same request.
-                assert!(Arc::ptr_eq(After::current().scope(), extension.scope()));
+                assert!(After::current().same_request(&extension));
                 deep_in_the_call_tree(flag).await;
                 Ok::<_, Infallible>(Response::new(Body::new()))
             }

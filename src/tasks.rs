@@ -1,37 +1,91 @@
-//! [`AfterTasks`]: the view on every callback a layer has scheduled, for draining at shutdown.
+//! [`AfterTasks`]: the view on every callback a layer has scheduled, for counting them and
+//! draining them at shutdown.
+//!
+//! Every callback is accounted for in one ledger, under one lock: registered, then ended exactly
+//! once (completed, panicked, timed out, cancelled or forgotten). The lock is held for a few
+//! additions, never across user code, so the counts are always consistent with each other.
+//!
+//! A shutdown whose grace runs out cannot wait for callbacks stuck inside a poll (a blocking call
+//! where an `.await` should be), nor for a runtime that is no longer driven: it *writes them off*.
+//! They are reported as cancelled at once, told to stop, and from then on belong to no report:
+//! each callback appears in at most one [`ShutdownReport`]. The ledger tells them apart by
+//! *epoch*: each write-off starts a new one, and a callback registered in an earlier epoch that
+//! ends later was already reported.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_util::task::TaskTracker;
-
-use crate::watch::Watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.
 #[derive(Default)]
 pub(crate) struct Shared {
-    /// The per-request driver tasks, so that shutdown can wait for them to settle.
-    pub(crate) drivers: TaskTracker,
-    /// Tells waiting drivers when their budget, or a shutdown's grace period, ran out.
-    pub(crate) watch: Arc<Watch>,
-    /// Callbacks registered and not yet ended, whether they have started or not.
-    pending: AtomicUsize,
-    /// Woken whenever `pending` drops to zero while someone waits in `idle()`.
+    ledger: Mutex<Ledger>,
+    /// Woken whenever nothing is pending any more.
     idle: Notify,
-    /// How many wait in `idle()`: when none does, reaching zero costs no lock.
-    idle_waiters: AtomicUsize,
-    scheduled: AtomicU64,
-    completed: AtomicU64,
-    panicked: AtomicU64,
-    timed_out: AtomicU64,
-    cancelled: AtomicU64,
-    forgotten: AtomicU64,
+    /// Cancelled once a shutdown's grace ran out: every driver stops its work.
+    shutdown: CancellationToken,
+    /// One drain at a time, so that two shutdowns never report the same callback.
+    drain: tokio::sync::Mutex<()>,
     running: AtomicU64,
     queued: AtomicU64,
+}
+
+/// The ledger's epoch when a callback was registered: see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Epoch(u64);
+
+/// A callback's line in the ledger, from its registration: it ends exactly once, as told with
+/// [`Ticket::close`], or as cancelled when dropped without that.
+pub(crate) struct Ticket {
+    shared: Arc<Shared>,
+    epoch: Epoch,
+    open: bool,
+}
+
+impl Ticket {
+    /// Ends the line as `how`, unless it has ended already.
+    pub(crate) fn close(&mut self, how: Ended) {
+        if self.open {
+            self.open = false;
+            self.shared.ended(self.epoch, how);
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.close(Ended::Cancelled);
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    epoch: u64,
+    /// Pending callbacks of the current epoch.
+    pending: usize,
+    /// Pending callbacks a shutdown already reported as cancelled.
+    written_off: usize,
+    totals: AfterStats,
+    /// Callbacks that ended without having been written off, by how: what drains report.
+    settled: Settled,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Settled {
+    completed: u64,
+    dropped: u64,
 }
 
 /// How a callback ended, for the counters.
@@ -49,7 +103,7 @@ pub(crate) enum Ended {
     Forgotten,
 }
 
-/// The gauges, for [`Gauge`].
+/// The gauges, for [`Shared::gauge`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Gauge {
     Running,
@@ -57,33 +111,52 @@ pub(crate) enum Gauge {
 }
 
 impl Shared {
-    pub(crate) fn registered(&self) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        self.scheduled.fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        metrics::counter!(names::SCHEDULED).increment(1);
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // No user code runs under the lock; recover rather than panic if it was ever poisoned.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Accounts for `count` callbacks that ended the same way.
-    pub(crate) fn ended(&self, how: Ended, count: usize) {
-        if count == 0 {
-            return;
-        }
-        let counter = match how {
-            Ended::Completed => &self.completed,
-            Ended::Panicked => &self.panicked,
-            Ended::TimedOut => &self.timed_out,
-            Ended::Cancelled => &self.cancelled,
-            Ended::Forgotten => &self.forgotten,
-        };
-        counter.fetch_add(count as u64, Ordering::Relaxed);
+    /// Counts a newly registered callback, until its ticket ends.
+    pub(crate) fn ticket(self: &Arc<Self>) -> Ticket {
+        let mut ledger = self.ledger();
+        ledger.pending += 1;
+        ledger.totals.scheduled += 1;
+        let epoch = Epoch(ledger.epoch);
+        drop(ledger);
         #[cfg(feature = "metrics")]
-        metrics::counter!(names::ended(how)).increment(count as u64);
-        // Whoever sees zero also sees the counters above. SeqCst, paired with `idle()`: either
-        // this sees its waiter, or the waiter sees zero.
-        if self.pending.fetch_sub(count, Ordering::SeqCst) == count
-            && self.idle_waiters.load(Ordering::SeqCst) > 0
-        {
+        metrics::counter!(names::SCHEDULED).increment(1);
+        Ticket {
+            shared: self.clone(),
+            epoch,
+            open: true,
+        }
+    }
+
+    /// Accounts for the end of a callback registered in `epoch`.
+    fn ended(&self, epoch: Epoch, how: Ended) {
+        let mut ledger = self.ledger();
+        let totals = &mut ledger.totals;
+        *match how {
+            Ended::Completed => &mut totals.completed,
+            Ended::Panicked => &mut totals.panicked,
+            Ended::TimedOut => &mut totals.timed_out,
+            Ended::Cancelled => &mut totals.cancelled,
+            Ended::Forgotten => &mut totals.forgotten,
+        } += 1;
+        if epoch.0 == ledger.epoch {
+            ledger.pending -= 1;
+            match how {
+                Ended::Completed | Ended::Panicked => ledger.settled.completed += 1,
+                _ => ledger.settled.dropped += 1,
+            }
+        } else {
+            ledger.written_off -= 1;
+        }
+        let idle = ledger.pending + ledger.written_off == 0;
+        drop(ledger);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::ended(how)).increment(1);
+        if idle {
             self.idle.notify_waiters();
         }
     }
@@ -113,48 +186,61 @@ impl Shared {
         }
     }
 
+    /// Cancelled once a shutdown's grace ran out.
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
     fn pending(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
+        let ledger = self.ledger();
+        ledger.pending + ledger.written_off
     }
 
     fn stats(&self) -> AfterStats {
-        let load = |counter: &AtomicU64| counter.load(Ordering::Acquire);
         AfterStats {
-            scheduled: load(&self.scheduled),
-            completed: load(&self.completed),
-            panicked: load(&self.panicked),
-            timed_out: load(&self.timed_out),
-            cancelled: load(&self.cancelled),
-            forgotten: load(&self.forgotten),
-            running: load(&self.running),
-            queued: load(&self.queued),
+            running: self.running.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+            ..self.ledger().totals
         }
     }
 
-    async fn idle(&self) {
-        /// Counts a waiter in `idle_waiters` while it lives, however the wait ends.
-        struct Waiting<'a>(&'a AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
+    fn settled(&self) -> Settled {
+        self.ledger().settled
+    }
 
-        if self.pending() == 0 {
-            return;
-        }
-        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.idle_waiters);
+    /// Reports every pending callback of the current epoch as cancelled, starts a new epoch, and
+    /// tells every driver to stop. Returns how many it wrote off.
+    fn write_off(&self) -> usize {
+        let mut ledger = self.ledger();
+        let count = std::mem::take(&mut ledger.pending);
+        ledger.written_off += count;
+        ledger.epoch += 1;
+        drop(ledger);
+        self.shutdown.cancel();
+        count
+    }
+
+    async fn idle(&self) {
         loop {
+            // A `Notified` hears every `notify_waiters` from its creation on, even before it is
+            // polled: created before the check, it cannot miss the drop to zero.
             let notified = self.idle.notified();
-            tokio::pin!(notified);
-            // Register before reading, so a drop to zero in between is not missed.
-            notified.as_mut().enable();
-            if self.pending.load(Ordering::SeqCst) == 0 {
+            if self.pending() == 0 {
                 return;
             }
             notified.await;
         }
+    }
+}
+
+/// How long a shutdown whose grace ran out lets cancelled callbacks stop before it returns.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Awaits `future` until `deadline` (`None`: no deadline); `None` if the deadline came first.
+async fn until<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+        None => Some(future.await),
     }
 }
 
@@ -203,11 +289,6 @@ pub struct AfterTasks {
 impl AfterTasks {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 
     /// The number of callbacks and [`wait_until`](crate::After::wait_until) futures registered
@@ -272,39 +353,63 @@ impl AfterTasks {
     /// already run out.
     ///
     /// [`wait_until`]: crate::After::wait_until
+    /// Waits for every pending callback, for at most `grace`, then reports what happened to them.
+    ///
+    /// Callbacks registered while it waits (by a callback, a late [`wait_until`] future or a
+    /// request still finishing) are waited for too. If `grace` runs out first, it returns at once
+    /// and reports everything still pending as cancelled: running callbacks are told to stop and
+    /// are dropped at their next `.await`, queued ones never start, and a warning says how many.
+    /// From that moment the layer cancels every further callback at once, since the process is
+    /// going away; a drain that ends within its grace leaves the layer working as before.
+    ///
+    /// It returns within `grace` plus 50 ms (a moment for the cancelled callbacks to stop and log)
+    /// in every case:
+    /// also when a callback blocks inside its poll, waits for a place under the
+    /// [concurrency limit](crate::AfterLayer::concurrency_limit), or runs a
+    /// [`run_blocking`](crate::After::run_blocking) closure, and also when the runtime that runs
+    /// the callbacks is no longer driven. A callback it could not stop in time is counted as
+    /// cancelled even if it ends later, and never counts in another report: two drains, one after
+    /// the other or at the same time, never report the same callback twice (a second drain started
+    /// meanwhile waits for the first to end, within its own grace).
+    ///
+    /// Run it after `axum::serve(..).with_graceful_shutdown(..)` returns, when no request is in
+    /// flight. It needs Tokio's time driver on the runtime that awaits it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping this future stops the waiting; it cancels nothing unless the grace period had
+    /// already run out.
+    ///
+    /// [`wait_until`]: crate::After::wait_until
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let shared = &self.shared;
-        let before = shared.stats();
-        let drained = tokio::time::timeout(grace, shared.idle()).await.is_ok();
-        let mut left_queued = 0;
+        let deadline = Instant::now().checked_add(grace);
+        let turn = until(deadline, shared.drain.lock()).await;
+        let before = shared.settled();
+        let drained = turn.is_some() && until(deadline, shared.idle()).await.is_some();
+        let written_off = if drained { 0 } else { shared.write_off() };
+        let after = shared.settled();
         if !drained {
-            shared.watch.shut_down();
-            // Every driver reacts to the cancellation at once; wait for them to settle. Callbacks
-            // still queued behind an unfinished response are not in a driver yet.
-            // The tracker stays closed: the layer is shutting down, and a second drain must not
-            // wait for a reopened tracker to close again.
-            shared.drivers.close();
-            shared.drivers.wait().await;
-            left_queued = shared.pending();
+            // Callbacks that can still react stop at once: give them a moment to, so that their
+            // warnings are logged before the process exits. Stuck ones are not waited for.
+            let _ = until(Instant::now().checked_add(SETTLE), shared.idle()).await;
         }
-        let after = shared.stats();
-        let ended = |stats: &AfterStats| stats.completed + stats.panicked;
-        let dropped = |stats: &AfterStats| stats.timed_out + stats.cancelled + stats.forgotten;
-        let report = ShutdownReport {
-            completed: (ended(&after) - ended(&before)) as usize,
-            cancelled: (dropped(&after) - dropped(&before)) as usize + left_queued,
+        let (completed, dropped) = match turn {
+            Some(_) => (
+                after.completed - before.completed,
+                after.dropped - before.dropped,
+            ),
+            None => (0, 0),
         };
-        if drained {
-            tracing::info!(
-                completed = report.completed,
-                cancelled = report.cancelled,
-                "after callbacks drained"
-            );
-        } else {
+        let report = ShutdownReport {
+            completed: completed as usize,
+            cancelled: dropped as usize + written_off,
+        };
+        if !drained {
             tracing::warn!(
                 completed = report.completed,
                 cancelled = report.cancelled,
-                "after callbacks drained: grace period of {grace:?} ran out"
+                "after callbacks cancelled: the shutdown grace period of {grace:?} ran out"
             );
         }
         report
@@ -485,7 +590,7 @@ mod tests {
     use http_body_util::{BodyExt, Empty};
     use tower::{service_fn, Layer, ServiceExt};
 
-    use crate::test_util::Logs;
+    use crate::test_util::{eventually, Logs};
     use crate::{After, AfterLayer};
 
     /// Serves `count` requests whose callbacks each sleep for `sleep`, then, once all of them
@@ -541,16 +646,23 @@ mod tests {
 
         let report = tasks.shutdown(Duration::from_secs(1)).await;
         assert_eq!((report.completed(), report.cancelled()), (0, 4));
-        assert_eq!(tasks.pending(), 0);
+        let summary = logs.lines_with("shutdown grace period of 1s ran out");
+        assert_eq!(summary.len(), 1, "{}", logs.text());
+        assert!(
+            summary[0].contains("WARN") && summary[0].contains("cancelled=4"),
+            "{summary:?}"
+        );
+        // The drivers stop their callbacks as soon as they run, each with a warning in its span.
+        eventually("the cancelled callbacks to be dropped", || {
+            tasks.pending() == 0
+        })
+        .await;
         assert_eq!(done.load(Ordering::SeqCst), 0);
-        let per_request = logs.lines_with("shutdown grace period ran out");
-        assert_eq!(per_request.len(), 4, "{per_request:?}");
-        assert!(per_request
-            .iter()
-            .all(|line| line.contains("WARN") && line.contains("cancelled=1")));
-        let summary = logs.lines_with("after callbacks drained");
-        assert_eq!(summary.len(), 1);
-        assert!(summary[0].contains("cancelled=4"), "{summary:?}");
+        let per_callback = logs.lines_with("after callback cancelled: the shutdown grace period");
+        assert_eq!(per_callback.len(), 4, "{per_callback:?}");
+        assert!(per_callback.iter().all(|line| line.contains("WARN")));
+        // Written off once: they count in no later report.
+        assert_eq!(tasks.stats().cancelled(), 4);
 
         // Past the deadline, new work is cancelled at once rather than left to the exiting process.
         serve_sleepers(&layer, 1, Duration::from_secs(1), &done).await;
@@ -701,11 +813,11 @@ mod tests {
             "{}",
             logs.text()
         );
-        let summary = logs.lines_with("after callbacks drained");
-        assert_eq!(summary.len(), 1);
+        // The report says it all: a drain that ended in time logs nothing of its own.
         assert!(
-            summary[0].contains("INFO") && summary[0].contains("cancelled=2"),
-            "{summary:?}"
+            logs.lines_with("tower_after::tasks").is_empty(),
+            "{}",
+            logs.text()
         );
     }
 }

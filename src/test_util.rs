@@ -97,6 +97,8 @@ pub(crate) enum Then {
     End,
     Error,
     Pending,
+    /// A trailers frame with `grpc-status: 0`, then the end.
+    Trailers,
 }
 
 impl TestBody {
@@ -136,6 +138,12 @@ impl Body for TestBody {
                 Poll::Ready(Some(Err(io::Error::other("broken body"))))
             }
             Then::Pending => Poll::Pending,
+            Then::Trailers => {
+                self.then = Then::End;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
         }
     }
 

@@ -4,27 +4,12 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::callback::{Plain, WithContext};
-use crate::scope::{Job, Scope, Start, Work};
+use crate::callback::{BoxCallback, Plain, WithContext};
+use crate::driver::{run_blocking, Inflight, CURRENT};
+use crate::scope::Start;
 use crate::{AfterContext, RequestSnapshot};
-
-tokio::task_local! {
-    static CURRENT: After;
-}
-
-/// Runs `future` with `after` as the current request, for [`After::current`].
-pub(crate) fn scoped<F: Future>(
-    after: After,
-    future: F,
-) -> tokio::task::futures::TaskLocalFuture<After, F> {
-    CURRENT.scope(after, future)
-}
-
-/// Calls `f` with `after` as the current request, for [`After::current`].
-pub(crate) fn sync_scoped<R>(after: After, f: impl FnOnce() -> R) -> R {
-    CURRENT.sync_scope(after, f)
-}
 
 /// Schedules work to run after the current request's response has been sent.
 ///
@@ -87,7 +72,7 @@ pub(crate) fn sync_scoped<R>(after: After, f: impl FnOnce() -> R) -> R {
 /// ```
 #[derive(Clone)]
 pub struct After {
-    scope: Arc<Scope>,
+    inflight: Arc<Inflight>,
 }
 
 const OUTSIDE_MESSAGE: &str = "`After::current()` (or `tower_after::after`) was called outside a \
@@ -96,12 +81,17 @@ const OUTSIDE_MESSAGE: &str = "`After::current()` (or `tower_after::after`) was 
     move a clone of `After` into it instead)";
 
 impl After {
-    pub(crate) fn from_scope(scope: Arc<Scope>) -> Self {
-        Self { scope }
+    pub(crate) fn new(inflight: Arc<Inflight>) -> Self {
+        Self { inflight }
     }
 
-    pub(crate) fn scope(&self) -> &Arc<Scope> {
-        &self.scope
+    pub(crate) fn set_budget(&self, budget: Duration) {
+        self.inflight.set_budget(budget);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn same_request(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inflight, &other.inflight)
     }
 
     /// The current request's handle.
@@ -141,7 +131,9 @@ impl After {
     /// ```
     #[must_use]
     pub fn try_current() -> Option<Self> {
-        CURRENT.try_with(Self::clone).ok()
+        CURRENT
+            .try_with(|inflight| Self::new(inflight.clone()))
+            .ok()
     }
 
     /// The request as it entered the layer: the same snapshot its callbacks see.
@@ -153,7 +145,7 @@ impl After {
     /// ```
     #[must_use]
     pub fn request(&self) -> &RequestSnapshot {
-        &self.scope.snapshot
+        &self.inflight.snapshot
     }
 
     /// Runs `future` once the response has finished.
@@ -172,10 +164,7 @@ impl After {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.register(
-            Work::Async(Box::pin(Plain::new(future))),
-            Start::AfterResponse,
-        );
+        self.register(Box::pin(Plain::new(future)), None, Start::AfterResponse);
     }
 
     /// Calls `callback` once the response has finished, with an [`AfterContext`] that tells
@@ -195,7 +184,7 @@ impl After {
         F: Future<Output = ()> + Send + 'static,
     {
         let callback = Box::pin(WithContext::new(callback));
-        self.register(Work::Async(callback), Start::AfterResponse);
+        self.register(callback, None, Start::AfterResponse);
     }
 
     /// Like [`After::run_with`], under a name: registering the same name again in the same
@@ -218,8 +207,8 @@ impl After {
         C: FnOnce(AfterContext) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let job = Job::new(Work::Async(Box::pin(WithContext::new(callback)))).named(name.into());
-        self.scope.register(job, Start::AfterResponse);
+        let callback = Box::pin(WithContext::new(callback));
+        self.register(callback, Some(name.into()), Start::AfterResponse);
     }
 
     /// Removes the named callback registered with [`After::run_named`], if it has not started
@@ -234,7 +223,7 @@ impl After {
     /// # }
     /// ```
     pub fn forget(&self, name: &str) -> bool {
-        self.scope.forget(name)
+        self.inflight.forget(name)
     }
 
     /// Calls `callback` once the response has finished, on Tokio's blocking thread pool, for
@@ -261,7 +250,7 @@ impl After {
     where
         C: FnOnce(AfterContext) + Send + 'static,
     {
-        self.register(Work::Blocking(Box::new(callback)), Start::AfterResponse);
+        self.run_with(move |ctx| run_blocking(ctx, callback));
     }
 
     /// Starts `future` now, in the background, and keeps it under the request's budget and the
@@ -281,11 +270,11 @@ impl After {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.register(Work::Async(Box::pin(Plain::new(future))), Start::Now);
+        self.register(Box::pin(Plain::new(future)), None, Start::Now);
     }
 
-    fn register(&self, work: Work, start: Start) {
-        self.scope.register(Job::new(work), start);
+    fn register(&self, callback: BoxCallback, name: Option<Cow<'static, str>>, start: Start) {
+        self.inflight.register(callback, name, start);
     }
 }
 
@@ -315,157 +304,8 @@ where
 impl fmt::Debug for After {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("After")
-            .field("method", self.scope.snapshot.method())
-            .field("uri", self.scope.snapshot.uri())
+            .field("method", self.request().method())
+            .field("uri", self.request().uri())
             .finish_non_exhaustive()
-    }
-}
-
-#[cfg(feature = "axum")]
-mod extract {
-    use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
-    use axum_core::response::{IntoResponse, Response};
-    use http::request::Parts;
-    use http::StatusCode;
-    use std::convert::Infallible;
-    use std::fmt;
-
-    use super::After;
-
-    /// Extracts the request's [`After`] handle; rejects with [`MissingAfterLayer`] when the router
-    /// lacks [`AfterLayer`](crate::AfterLayer). `Option<After>` never rejects.
-    impl<S> FromRequestParts<S> for After
-    where
-        S: Send + Sync,
-    {
-        type Rejection = MissingAfterLayer;
-
-        async fn from_request_parts(
-            parts: &mut Parts,
-            _state: &S,
-        ) -> Result<Self, Self::Rejection> {
-            parts
-                .extensions
-                .get::<After>()
-                .cloned()
-                .ok_or(MissingAfterLayer)
-        }
-    }
-
-    impl<S> OptionalFromRequestParts<S> for After
-    where
-        S: Send + Sync,
-    {
-        type Rejection = Infallible;
-
-        async fn from_request_parts(
-            parts: &mut Parts,
-            _state: &S,
-        ) -> Result<Option<Self>, Self::Rejection> {
-            Ok(parts.extensions.get::<After>().cloned())
-        }
-    }
-
-    /// Rejection of the [`After`] extractor: the request did not pass through
-    /// [`AfterLayer`](crate::AfterLayer).
-    ///
-    /// This is a server bug rather than a client error, so it answers `500 Internal Server
-    /// Error`, with a body that names the fix.
-    ///
-    /// ```
-    /// use tower_after::MissingAfterLayer;
-    ///
-    /// let rejection = MissingAfterLayer::default();
-    /// assert_eq!(rejection.status(), 500);
-    /// assert!(rejection.body_text().contains("AfterLayer"));
-    /// ```
-    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-    #[non_exhaustive]
-    pub struct MissingAfterLayer;
-
-    impl MissingAfterLayer {
-        /// The status code of the rejection: `500 Internal Server Error`.
-        #[must_use]
-        pub fn status(&self) -> StatusCode {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-
-        /// The body text of the rejection.
-        #[must_use]
-        pub fn body_text(&self) -> String {
-            self.to_string()
-        }
-    }
-
-    impl fmt::Display for MissingAfterLayer {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(
-                "Missing request extension: `After` was not found. \
-                 Is `AfterLayer` applied, outside this route? Add `.layer(AfterLayer::new())` \
-                 to the router.",
-            )
-        }
-    }
-
-    impl std::error::Error for MissingAfterLayer {}
-
-    impl IntoResponse for MissingAfterLayer {
-        fn into_response(self) -> Response {
-            tracing::error!("{self}");
-            (self.status(), self.body_text()).into_response()
-        }
-    }
-}
-
-#[cfg(feature = "axum")]
-pub use extract::MissingAfterLayer;
-
-#[cfg(all(test, feature = "axum"))]
-mod tests {
-    use axum::body::Body;
-    use axum::routing::get;
-    use axum::Router;
-    use http::{Request, StatusCode};
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-
-    use super::After;
-    use crate::AfterLayer;
-
-    async fn call(app: Router) -> (StatusCode, String) {
-        let response = app.oneshot(Request::new(Body::empty())).await.unwrap();
-        let status = response.status();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8(body.to_vec()).unwrap())
-    }
-
-    #[tokio::test]
-    async fn the_extractor_finds_the_handle_under_the_layer() {
-        let app = Router::new()
-            .route(
-                "/",
-                get(|after: After| async move { after.scope().snapshot.uri().to_string() }),
-            )
-            .layer(AfterLayer::new());
-        assert_eq!(call(app).await, (StatusCode::OK, "/".to_owned()));
-    }
-
-    #[tokio::test]
-    async fn without_the_layer_the_extractor_answers_500_naming_it() {
-        let app = Router::new().route("/", get(|_: After| async { "unreachable" }));
-        let (status, body) = call(app).await;
-        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(body.contains("AfterLayer"), "{body}");
-    }
-
-    #[tokio::test]
-    async fn an_optional_handle_is_none_without_the_layer() {
-        let handler = |after: Option<After>| async move { format!("{}", after.is_some()) };
-        let bare = Router::new().route("/", get(handler));
-        assert_eq!(call(bare).await.1, "false");
-        let layered = Router::new()
-            .route("/", get(handler))
-            .layer(AfterLayer::new());
-        assert_eq!(call(layered).await.1, "true");
     }
 }

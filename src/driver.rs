@@ -1,0 +1,1051 @@
+//! A request in flight, and the driver task that runs its work once the response has finished.
+//!
+//! Each request that registers work gets at most one *driver* at a time: a Tokio task that starts
+//! the callbacks in registration order, polls them concurrently, and stops them when the
+//! request's budget or a shutdown's grace runs out. It is spawned when there is something to run
+//! (the response finished with work queued, or a `wait_until` future arrived) and retires as soon
+//! as it has nothing left, so requests without callbacks never spawn anything. Work that arrives
+//! after it retired spawns a new one. This is the only module that spawns.
+//!
+//! A driver arms its timers only once it actually has to wait: a Tokio `Sleep` for the budget,
+//! and a waiter on the layer's shutdown token. Callbacks that end on their first poll (a log
+//! line, a counter) never touch a timer.
+//!
+//! Nothing here runs user code while holding a lock, and nothing runs it inside the response's
+//! `poll` or `Drop`: finishing a response only hands its work to a driver.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::panic::resume_unwind;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::StatusCode;
+use pin_project_lite::pin_project;
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use tokio::task::futures::TaskLocalFuture;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tracing::Span;
+
+use crate::callback::{BoxCallback, Callbacks, Job, Running, Stop};
+use crate::context::Finished;
+use crate::scope::{Next, Scope, Start};
+use crate::tasks::{Ended, Shared};
+use crate::{AfterContext, Completion, Outcome, RequestSnapshot};
+
+tokio::task_local! {
+    /// The request whose response future, or callbacks, are being polled: for `After::current`.
+    pub(crate) static CURRENT: Arc<Inflight>;
+}
+
+/// What a layer decides for each of its requests.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) max_duration: Duration,
+    pub(crate) limit: Option<Arc<Semaphore>>,
+    /// The number of places under `limit`, for `Debug`.
+    pub(crate) limit_size: Option<usize>,
+}
+
+/// One request, from the moment it entered the layer until its last callback ended.
+pub(crate) struct Inflight {
+    pub(crate) snapshot: RequestSnapshot,
+    entered: Instant,
+    /// The callbacks' max duration in nanoseconds, counted from the end of the response;
+    /// `u64::MAX` for none. Set by `MaxDuration` while the request is handled.
+    budget: AtomicU64,
+    end: OnceLock<End>,
+    shared: Arc<Shared>,
+    limit: Option<Arc<Semaphore>>,
+    scope: Scope<Job>,
+}
+
+/// How and when the response finished.
+struct End {
+    outcome: Outcome,
+    budget: Duration,
+    /// `None`: no budget.
+    deadline: Option<Instant>,
+}
+
+impl Inflight {
+    pub(crate) fn new(snapshot: RequestSnapshot, shared: &Arc<Shared>, config: &Config) -> Self {
+        let inflight = Self {
+            snapshot,
+            entered: Instant::now(),
+            budget: AtomicU64::new(0),
+            end: OnceLock::new(),
+            shared: shared.clone(),
+            limit: config.limit.clone(),
+            scope: Scope::new(),
+        };
+        inflight.set_budget(config.max_duration);
+        inflight
+    }
+
+    pub(crate) fn set_budget(&self, budget: Duration) {
+        let nanos = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
+        self.budget.store(nanos, Ordering::Relaxed);
+    }
+
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        callback: BoxCallback,
+        name: Option<Cow<'static, str>>,
+        start: Start,
+    ) {
+        let span = callback_span(&self.snapshot, name.as_deref());
+        let job = Job::new(callback, span, name, self.shared.ticket());
+        let (next, replaced) = self.scope.register(job, start);
+        self.act(next);
+        if let Some(replaced) = replaced {
+            replaced.end(Ended::Forgotten, &self.snapshot);
+        }
+    }
+
+    pub(crate) fn forget(&self, name: &str) -> bool {
+        let forgotten = self.scope.forget(name);
+        let found = forgotten.is_some();
+        if let Some(job) = forgotten {
+            job.end(Ended::Forgotten, &self.snapshot);
+        }
+        found
+    }
+
+    /// Records how the response ended and hands its work to a driver. Called exactly once, from
+    /// the response's future or body, so it stays cheap and runs no user code.
+    pub(crate) fn finish(
+        self: &Arc<Self>,
+        status: Option<StatusCode>,
+        completion: Completion,
+        body_bytes: u64,
+    ) {
+        let now = Instant::now();
+        let nanos = self.budget.load(Ordering::Relaxed);
+        let budget = Duration::from_nanos(nanos);
+        let outcome = Outcome {
+            status,
+            completion,
+            body_bytes,
+            elapsed: now.saturating_duration_since(self.entered),
+            finished_at: now.into_std(),
+        };
+        let deadline = if nanos == u64::MAX {
+            None
+        } else {
+            now.checked_add(budget)
+        };
+        let first = self
+            .end
+            .set(End {
+                outcome,
+                budget,
+                deadline,
+            })
+            .is_ok();
+        debug_assert!(first, "a request finishes once");
+        self.act(self.scope.finish());
+    }
+
+    fn act(self: &Arc<Self>, next: Next) {
+        match next {
+            Next::Nothing => {}
+            Next::Wake(waker) => waker.wake(),
+            Next::Spawn => self.spawn(),
+        }
+    }
+
+    fn spawn(self: &Arc<Self>) {
+        let Ok(runtime) = Handle::try_current() else {
+            let abandoned = self.scope.abandon();
+            let count = abandoned.len();
+            for job in abandoned {
+                job.end(Ended::Cancelled, &self.snapshot);
+            }
+            tracing::error!(
+                method = %self.snapshot.method(),
+                path = self.snapshot.uri().path(),
+                cancelled = count,
+                "after callbacks dropped: no Tokio runtime is running on this thread \
+                 (poll and drop the response inside the runtime that serves it)"
+            );
+            return;
+        };
+        runtime.spawn(CURRENT.scope(self.clone(), Driver::new(self.clone())));
+    }
+
+    fn context(self: &Arc<Self>) -> AfterContext {
+        AfterContext::new(self.clone())
+    }
+
+    /// Why work must stop now, if it must: a shutdown's grace, or the budget, ran out.
+    fn stopped(&self) -> Option<Stop> {
+        if self.shared.shutdown_token().is_cancelled() {
+            return Some(Stop::Shutdown);
+        }
+        let end = self.end.get()?;
+        let deadline = end.deadline?;
+        (Instant::now() >= deadline).then_some(Stop::Budget(end.budget))
+    }
+}
+
+impl Finished for Inflight {
+    fn request(&self) -> &RequestSnapshot {
+        &self.snapshot
+    }
+
+    fn outcome(&self) -> &Outcome {
+        &self
+            .end
+            .get()
+            .expect("an AfterContext reads its outcome only once the response finished")
+            .outcome
+    }
+}
+
+/// The span a callback runs in: its own, with no parent, so that a pending callback never keeps
+/// the request's span open. It *follows from* the span current where it was registered (a link,
+/// in OpenTelemetry's terms), and names the request, so its lines can be traced back to it.
+/// Created only if a subscriber is interested in it.
+fn callback_span(request: &RequestSnapshot, name: Option<&str>) -> Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "after",
+        method = %request.method(),
+        path = request.uri().path(),
+        name,
+    );
+    span.follows_from(Span::current());
+    span
+}
+
+pin_project! {
+    /// The task that runs one request's work.
+    struct Driver {
+        inflight: Arc<Inflight>,
+        running: Callbacks,
+        // Armed only once a callback is still pending after its first poll.
+        waits: Option<Pin<Box<Waits>>>,
+        done: bool,
+    }
+
+    impl PinnedDrop for Driver {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its work was done: the runtime is shutting down. Running callbacks
+            // count themselves as cancelled when dropped; work not taken yet is dropped here.
+            let this = this.project();
+            if *this.done {
+                return;
+            }
+            let abandoned = this.inflight.scope.abandon();
+            let count = abandoned.len() + this.running.len();
+            for job in abandoned {
+                job.end(Ended::Cancelled, &this.inflight.snapshot);
+            }
+            let (method, path) = (this.inflight.snapshot.method(), this.inflight.snapshot.uri().path());
+            if std::thread::panicking() {
+                // Only Tokio can panic here: a timer on a runtime without its time driver.
+                tracing::error!(
+                    %method, path, cancelled = count,
+                    "after callbacks dropped: they need Tokio's time driver \
+                     (call `enable_time` or `enable_all` on the runtime builder)"
+                );
+            } else if count > 0 {
+                tracing::warn!(
+                    %method, path, cancelled = count,
+                    "after callbacks dropped: the runtime shut down before they ended"
+                );
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// What a waiting driver waits for, besides its callbacks.
+    struct Waits {
+        #[pin]
+        shutdown: WaitForCancellationFutureOwned,
+        #[pin]
+        budget: Option<Sleep>,
+    }
+}
+
+/// The size of a driver task's future, checked at compile time: most requests' work runs in
+/// one, so it is kept small enough for Tokio to allocate the task in one small block.
+const _: () = assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver>>() <= 256);
+
+impl Driver {
+    fn new(inflight: Arc<Inflight>) -> Self {
+        Self {
+            inflight,
+            running: Callbacks::default(),
+            waits: None,
+            done: false,
+        }
+    }
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let inflight: &Arc<Inflight> = this.inflight;
+        // A callback that keeps registering work that ends at once would keep this loop busy:
+        // hand the thread back now and then.
+        for _ in 0..128 {
+            let Some(taken) = inflight.scope.take(cx.waker(), this.running.is_empty()) else {
+                *this.done = true;
+                return Poll::Ready(());
+            };
+            if !taken.is_empty() {
+                for job in taken {
+                    let running = Running::new(job, inflight.context(), inflight.limit.as_ref());
+                    this.running.push(running);
+                }
+                // Nothing new has been polled yet: work arriving too late never starts.
+                if let Some(why) = inflight.stopped() {
+                    return stop(inflight, this.running, this.done, why);
+                }
+            }
+            if this.running.poll_next(cx).is_pending() {
+                // Something still runs: wait for it, the budget, or a shutdown.
+                return match wait(inflight, this.waits, cx) {
+                    Some(why) => stop(inflight, this.running, this.done, why),
+                    None => Poll::Pending,
+                };
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Polls the budget's timer and the shutdown token, arming them on first use.
+fn wait(
+    inflight: &Inflight,
+    waits: &mut Option<Pin<Box<Waits>>>,
+    cx: &mut Context<'_>,
+) -> Option<Stop> {
+    let waits = waits.get_or_insert_with(|| {
+        Box::pin(Waits {
+            shutdown: inflight.shared.shutdown_token().clone().cancelled_owned(),
+            budget: None,
+        })
+    });
+    let mut waits = waits.as_mut().project();
+    if waits.shutdown.as_mut().poll(cx).is_ready() {
+        return Some(Stop::Shutdown);
+    }
+    // The deadline is known once the response finished; until then only `wait_until` runs.
+    let end = inflight.end.get()?;
+    let deadline = end.deadline?;
+    if waits.budget.is_none() {
+        waits.budget.set(Some(tokio::time::sleep_until(deadline)));
+    }
+    let sleep = waits.budget.as_pin_mut()?;
+    sleep
+        .poll(cx)
+        .is_ready()
+        .then_some(Stop::Budget(end.budget))
+}
+
+/// Stops every callback of the request that has not ended.
+fn stop(inflight: &Arc<Inflight>, running: &mut Callbacks, done: &mut bool, why: Stop) -> Poll<()> {
+    *done = true;
+    running.stop(why);
+    for job in inflight.scope.abandon() {
+        // Through `Running`, so that it logs like the others.
+        Running::new(job, inflight.context(), None).stop(why);
+    }
+    Poll::Ready(())
+}
+
+/// Runs `callback` on Tokio's blocking pool, inside the current callback's span and with its
+/// request as the current one. A panic in it is raised again here, where the callback's poll
+/// catches and reports it.
+pub(crate) async fn run_blocking<C>(ctx: AfterContext, callback: C)
+where
+    C: FnOnce(AfterContext) + Send + 'static,
+{
+    let inflight = CURRENT.try_with(Arc::clone).ok();
+    let span = Span::current();
+    let task = AbortOnDrop(tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        match inflight {
+            Some(inflight) => CURRENT.sync_scope(inflight, || callback(ctx)),
+            None => callback(ctx),
+        }
+    }));
+    if let Err(error) = task.await {
+        if let Ok(panic) = error.try_into_panic() {
+            resume_unwind(panic);
+        }
+    }
+}
+
+/// A blocking task that has not started yet never starts once its callback is dropped; one
+/// that has started cannot be interrupted and runs to its end.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Future for AbortOnDrop {
+    type Output = Result<(), tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Empty};
+    use tokio::sync::oneshot;
+    use tower::{service_fn, Layer, Service, ServiceExt};
+
+    use crate::test_util::{eventually, settle, Logs, TestBody, Then};
+    use crate::{After, AfterLayer, AfterTasks, MaxDuration};
+
+    type Body = Empty<bytes::Bytes>;
+
+    /// Serves one request through `layer` with a handler that registers work with `register`,
+    /// and reads the response to its end.
+    async fn serve(layer: &AfterLayer, register: impl FnOnce(After) + Send + 'static) {
+        let register = Mutex::new(Some(register));
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            (register.lock().unwrap().take().unwrap())(after);
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }
+        }));
+        let path = Request::builder().uri("/orders/7").body(()).unwrap();
+        let response = service.oneshot(path).await.unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+
+    async fn drained(tasks: &AfterTasks) {
+        eventually("no pending callbacks", || tasks.pending() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn callbacks_start_in_registration_order_and_run_concurrently() {
+        let layer = AfterLayer::new();
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let (release, released) = oneshot::channel::<()>();
+        let log = started.clone();
+        serve(&layer, move |after| {
+            let first = log.clone();
+            // Waits for the third: run one after the other, this would never end.
+            after.run(async move {
+                first.lock().unwrap().push(1);
+                released.await.unwrap();
+            });
+            let second = log.clone();
+            after.run(async move { second.lock().unwrap().push(2) });
+            let third = log.clone();
+            after.run(async move {
+                third.lock().unwrap().push(3);
+                release.send(()).unwrap();
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(*started.lock().unwrap(), [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_callback_is_logged_and_the_others_still_run() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counter = ran.clone();
+        serve(&layer, move |after| {
+            let before = counter.clone();
+            after.run(async move {
+                before.fetch_add(1, Ordering::SeqCst);
+            });
+            after.run_with(|_| async { panic!("callback bug") });
+            after.run(async { panic!("a second bug") });
+            after.run(async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        let errors = logs.lines_with("after callback panicked");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("ERROR"), "{errors:?}");
+        assert!(errors[0].contains("method=GET"), "{errors:?}");
+        assert!(errors[0].contains("path=\"/orders/7\""), "{errors:?}");
+        assert!(errors[0].contains("callback bug"), "{errors:?}");
+    }
+
+    #[tokio::test]
+    async fn nested_work_runs_later_and_is_tracked() {
+        let layer = AfterLayer::new();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let log = order.clone();
+        serve(&layer, move |after| {
+            after.run(async move {
+                let inner = log.clone();
+                // Both ways of reaching the request work inside a callback.
+                After::current().run(async move { inner.lock().unwrap().push("nested") });
+                let inner = log.clone();
+                crate::after(async move { inner.lock().unwrap().push("nested by after()") });
+                // Not inline: the nested ones have not run yet.
+                log.lock().unwrap().push("outer");
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["outer", "nested", "nested by after()"]
+        );
+    }
+
+    #[tokio::test]
+    async fn work_registered_after_everything_finished_still_runs() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let (late_tx, late_rx) = oneshot::channel::<After>();
+        serve(&layer, move |after| {
+            late_tx.send(after.clone()).unwrap();
+            after.run(async {});
+        })
+        .await;
+        drained(&tasks).await;
+        // The driver has retired; a late registration must start a new one.
+        let after = late_rx.await.unwrap();
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        after.run_with(move |ctx| async move {
+            assert_eq!(ctx.request().uri().path(), "/orders/7");
+            flag.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(tasks.pending(), 1);
+        eventually("the late callback", || ran.load(Ordering::SeqCst)).await;
+        drained(&tasks).await;
+    }
+
+    #[tokio::test]
+    async fn wait_until_starts_at_once_and_run_waits_for_the_response() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let early = Arc::new(AtomicBool::new(false));
+        let late = Arc::new(AtomicBool::new(false));
+        let (early_flag, late_flag) = (early.clone(), late.clone());
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let (early_flag, late_flag) = (early_flag.clone(), late_flag.clone());
+            after.wait_until(async move { early_flag.store(true, Ordering::SeqCst) });
+            after.run(async move { late_flag.store(true, Ordering::SeqCst) });
+            async { Ok::<_, Infallible>(Response::new(TestBody::new(&["a"], Then::End))) }
+        }));
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        eventually("the wait_until future", || early.load(Ordering::SeqCst)).await;
+        settle().await;
+        assert!(
+            !late.load(Ordering::SeqCst),
+            "`run` started before the response ended"
+        );
+        while body.frame().await.is_some() {}
+        eventually("the run callback", || late.load(Ordering::SeqCst)).await;
+        drained(&tasks).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_cancels_what_still_runs_and_says_so() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(5));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let count = finished.clone();
+        serve(&layer, move |after| {
+            let quick = count.clone();
+            after.run(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                quick.fetch_add(1, Ordering::SeqCst);
+            });
+            let slow = count.clone();
+            after.run(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                slow.fetch_add(1, Ordering::SeqCst);
+            });
+            let slow = count.clone();
+            after.run_named("audit", move |_| async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                slow.fetch_add(1, Ordering::SeqCst);
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        // One warning per cancelled callback, inside its own span: it names the request, the
+        // budget, and the callback's name if it has one.
+        let warnings = logs.lines_with("max duration of 5s ran out");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        for warning in &warnings {
+            assert!(warning.contains("WARN"), "{warning}");
+            assert!(
+                warning.contains("after{method=GET path=\"/orders/7\""),
+                "{warning}"
+            );
+        }
+        let named = warnings
+            .iter()
+            .filter(|line| line.contains("name=\"audit\""));
+        assert_eq!(named.count(), 1, "{warnings:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_counts_from_the_end_of_the_response_and_covers_wait_until() {
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(10));
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicUsize::new(0));
+        let (in_time, too_long) = (done.clone(), done.clone());
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let (in_time, too_long) = (in_time.clone(), too_long.clone());
+            // 14 s after the start, 9 s after the end of the response: within budget.
+            after.wait_until(async move {
+                tokio::time::sleep(Duration::from_secs(14)).await;
+                in_time.fetch_add(1, Ordering::SeqCst);
+            });
+            // 16 s after the start, 11 s after the end: over budget.
+            after.wait_until(async move {
+                tokio::time::sleep(Duration::from_secs(16)).await;
+                too_long.fetch_add(10, Ordering::SeqCst);
+            });
+            async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, Infallible>(Response::new(Body::new()))
+            }
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        drained(&tasks).await;
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_budget_overrides_the_layer_and_max_means_unbounded() {
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let route =
+            MaxDuration::new(Duration::MAX).layer(service_fn(move |request: Request<()>| {
+                let after = request.extensions().get::<After>().unwrap().clone();
+                let flag = flag.clone();
+                after.run(async move {
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    flag.store(true, Ordering::SeqCst);
+                });
+                async { Ok::<_, Infallible>(Response::new(Body::new())) }
+            }));
+        let mut service = layer.layer(route);
+        let response = service.ready().await.unwrap().call(Request::new(())).await;
+        response.unwrap().into_body().collect().await.unwrap();
+        drained(&tasks).await;
+        assert!(
+            done.load(Ordering::SeqCst),
+            "an unbounded callback was cancelled"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_registered_after_the_deadline_never_starts() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        let (tx, rx) = oneshot::channel::<After>();
+        serve(&layer, move |after| tx.send(after).unwrap()).await;
+        let after = rx.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        after.run(async move { flag.store(true, Ordering::SeqCst) });
+        drained(&tasks).await;
+        assert!(!started.load(Ordering::SeqCst));
+        assert_eq!(logs.lines_with("max duration of 1s ran out").len(), 1);
+        assert_eq!(tasks.stats().timed_out(), 1);
+    }
+
+    /// Records what a tracing subscriber is told about spans, by span name.
+    #[derive(Clone, Default)]
+    struct Spans(Arc<Mutex<SpanLog>>);
+
+    #[derive(Default)]
+    struct SpanLog {
+        roots: Vec<&'static str>,
+        follows: Vec<(&'static str, &'static str)>,
+        closed: Vec<&'static str>,
+        events: Vec<(String, Option<&'static str>)>,
+    }
+
+    impl<S> tracing_subscriber::Layer<S> for Spans
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _id: &tracing::span::Id,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if attrs.is_root() {
+                self.0.lock().unwrap().roots.push(attrs.metadata().name());
+            }
+        }
+
+        fn on_follows_from(
+            &self,
+            span: &tracing::span::Id,
+            follows: &tracing::span::Id,
+            ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let name = |id| ctx.span(id).map_or("?", |span| span.name());
+            let pair = (name(span), name(follows));
+            self.0.lock().unwrap().follows.push(pair);
+        }
+
+        fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+            let name = ctx.span(&id).map_or("?", |span| span.name());
+            self.0.lock().unwrap().closed.push(name);
+        }
+
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let span = ctx.event_span(event).map(|span| span.name());
+            let message = format!("{:?}", event.metadata().fields());
+            self.0.lock().unwrap().events.push((message, span));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_callback_does_not_hold_the_request_span_open() {
+        use tracing::Instrument;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let spans = Spans::default();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let (release, released) = oneshot::channel::<()>();
+        let released = Mutex::new(Some(released));
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let released = released.lock().unwrap().take().unwrap();
+            // As `TraceLayer` would: the request's span covers the handler.
+            let span = tracing::info_span!("request");
+            span.in_scope(|| {
+                after.run(async move {
+                    released.await.unwrap();
+                    tracing::info!("audit written");
+                })
+            });
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }.instrument(span)
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        response.into_body().collect().await.unwrap();
+
+        // The request's span closed with its response, while its callback still waits.
+        eventually("the request span to close", || {
+            spans.0.lock().unwrap().closed.contains(&"request")
+        })
+        .await;
+        assert_eq!(tasks.pending(), 1);
+        release.send(()).unwrap();
+        drained(&tasks).await;
+
+        let log = spans.0.lock().unwrap();
+        // The callback ran in its own root span, linked to the request's.
+        assert!(log.roots.contains(&"after"), "{:?}", log.roots);
+        assert_eq!(log.follows, [("after", "request")]);
+        let audit = log.events.iter().find(|(_, span)| *span == Some("after"));
+        assert!(audit.is_some(), "{:?}", log.events);
+        assert_eq!(log.closed, ["request", "after"]);
+    }
+
+    #[tokio::test]
+    async fn the_last_registration_of_a_name_wins_and_forget_removes_it() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let log = ran.clone();
+        serve(&layer, move |after| {
+            for (name, label) in [("a", "a1"), ("b", "b1"), ("a", "a2"), ("c", "c1")] {
+                let log = log.clone();
+                after.run_named(
+                    name,
+                    move |_| async move { log.lock().unwrap().push(label) },
+                );
+            }
+            assert!(after.forget("c"));
+            assert!(!after.forget("c"));
+            assert!(!after.forget("never registered"));
+        })
+        .await;
+        drained(&tasks).await;
+        // The replacement takes the place of its latest registration.
+        assert_eq!(*ran.lock().unwrap(), ["b1", "a2"]);
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.scheduled(), stats.completed(), stats.forgotten()),
+            (4, 2, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn names_belong_to_one_request() {
+        let layer = AfterLayer::new();
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let count = ran.clone();
+            serve(&layer, move |after| {
+                after.run_named("audit", move |_| async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                });
+            })
+            .await;
+        }
+        drained(&layer.tasks()).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_limit_of_two_runs_six_callbacks_two_at_a_time_in_order() {
+        let layer = AfterLayer::new().concurrency_limit(2);
+        let tasks = layer.tasks();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        for request in 0..3 {
+            let (running, most, order, gate) =
+                (running.clone(), most.clone(), order.clone(), gate.clone());
+            serve(&layer, move |after| {
+                for callback in 0..2 {
+                    let (running, most, order, gate) =
+                        (running.clone(), most.clone(), order.clone(), gate.clone());
+                    after.run(async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        order.lock().unwrap().push((request, callback));
+                        gate.acquire().await.unwrap().forget();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+            .await;
+        }
+        eventually("two callbacks to run and four to wait", || {
+            let stats = tasks.stats();
+            order.lock().unwrap().len() == 2 && (stats.running(), stats.queued()) == (2, 4)
+        })
+        .await;
+        assert_eq!(tasks.pending(), 6);
+        // Release them one by one; the limit must hold all along.
+        for released in 1..=6 {
+            gate.add_permits(1);
+            eventually("a callback to end", || {
+                tasks.stats().completed() == released
+            })
+            .await;
+        }
+        drained(&tasks).await;
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        let expected: Vec<_> = (0..3).flat_map(|r| (0..2).map(move |c| (r, c))).collect();
+        assert_eq!(
+            *order.lock().unwrap(),
+            expected,
+            "waiting callbacks start in FIFO order"
+        );
+        assert_eq!((tasks.stats().running(), tasks.stats().queued()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callback_waiting_for_the_limit_is_cancelled_by_its_budget_without_running() {
+        let layer = AfterLayer::new()
+            .concurrency_limit(1)
+            .max_duration(Duration::from_secs(5));
+        let tasks = layer.tasks();
+        let started = Arc::new(AtomicUsize::new(0));
+        let count = started.clone();
+        serve(&layer, move |after| {
+            for _ in 0..2 {
+                let count = count.clone();
+                after.run(async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        })
+        .await;
+        drained(&tasks).await;
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.timed_out(), stats.running(), stats.queued()),
+            (2, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn blocking_work_runs_off_the_async_workers_with_its_context() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let slow_done = Arc::new(AtomicBool::new(false));
+        let seen_while_slow = Arc::new(Mutex::new(None));
+        let flag = slow_done.clone();
+        serve(&layer, move |after| {
+            after.run_blocking(move |ctx| {
+                assert_eq!(ctx.request().uri().path(), "/orders/7");
+                // The request is reachable from the blocking closure too.
+                assert!(After::try_current().is_some());
+                std::thread::sleep(Duration::from_millis(600));
+                flag.store(true, Ordering::SeqCst);
+            });
+            after.run_blocking(|_| panic!("blocking bug"));
+        })
+        .await;
+        // Another request's callback runs while the blocking one sleeps.
+        let (flag, seen) = (slow_done.clone(), seen_while_slow.clone());
+        serve(&layer, move |after| {
+            after.run(async move { *seen.lock().unwrap() = Some(flag.load(Ordering::SeqCst)) });
+        })
+        .await;
+        eventually("the quick callback", || {
+            seen_while_slow.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(*seen_while_slow.lock().unwrap(), Some(false));
+        drained(&tasks).await;
+        assert!(slow_done.load(Ordering::SeqCst));
+        let stats = tasks.stats();
+        assert_eq!((stats.completed(), stats.panicked()), (2, 1));
+        assert_eq!(logs.lines_with("blocking bug").len(), 1);
+    }
+
+    /// Panics when dropped: user code the layer must survive.
+    struct PanicOnDrop;
+
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("a user Drop that panics");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_drop_during_cancellation_is_still_counted() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        serve(&layer, |after| {
+            after.run(async {
+                let _guard = PanicOnDrop;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        })
+        .await;
+        drained(&tasks).await;
+        assert_eq!(tasks.stats().timed_out(), 1);
+        assert_eq!(logs.lines_with("a user Drop that panics").len(), 1);
+    }
+
+    #[test]
+    fn without_a_time_driver_waiting_callbacks_fail_naming_enable_time() {
+        let logs = Logs::capture();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        runtime.block_on(async {
+            let (_release, released) = oneshot::channel::<()>();
+            serve(&layer, move |after| {
+                // Ends at once: needs no timer.
+                after.run(async {});
+                // Waits: its budget needs Tokio's timer, which this runtime lacks.
+                after.run(async move {
+                    let _ = released.await;
+                });
+            })
+            .await;
+            // `eventually` needs a timer too: yield instead.
+            for _ in 0..100 {
+                if tasks.pending() == 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        assert_eq!(tasks.pending(), 0);
+        let stats = tasks.stats();
+        assert_eq!((stats.completed(), stats.cancelled()), (1, 1));
+        let errors = logs.lines_with("enable_time");
+        assert_eq!(errors.len(), 1, "{}", logs.text());
+        assert!(
+            errors[0].contains("ERROR") && errors[0].contains("cancelled=1"),
+            "{errors:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_callback_that_keeps_registering_work_does_not_starve_the_thread() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let other_ran = Arc::new(AtomicBool::new(false));
+        let seen_other = Arc::new(AtomicBool::new(false));
+
+        fn chain(left: u32, other_ran: Arc<AtomicBool>, seen_other: Arc<AtomicBool>) {
+            After::current().run(async move {
+                if left == 0 {
+                    seen_other.store(other_ran.load(Ordering::SeqCst), Ordering::SeqCst);
+                } else {
+                    chain(left - 1, other_ran, seen_other);
+                }
+            });
+        }
+
+        let (other, seen) = (other_ran.clone(), seen_other.clone());
+        serve(&layer, move |after| {
+            after.run(async move {
+                // Another task on this thread, which only runs if the driver yields.
+                let flag = other.clone();
+                tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+                chain(2_000, other, seen);
+            });
+        })
+        .await;
+        drained(&tasks).await;
+        assert!(
+            seen_other.load(Ordering::SeqCst),
+            "the driver never yielded"
+        );
+        assert_eq!(tasks.stats().completed(), 2_002);
+    }
+}

@@ -1,0 +1,212 @@
+//! Paths a production server takes that the happy path does not: a panic inside a synchronous
+//! `Service::call`, and shutdowns that must keep their deadline whatever the callbacks do.
+//!
+//! Each test bounds a wait the crate promises (a shutdown's grace), so it measures elapsed time,
+//! with a margin far above any scheduling noise: the callbacks involved block for seconds.
+
+use std::convert::Infallible;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use tower::{Layer, Service, ServiceExt};
+use tower_after::{After, AfterLayer, AfterTasks, Completion};
+
+/// How long a blocking callback blocks: far longer than any grace given here.
+const BLOCKED: Duration = Duration::from_millis(2500);
+const GRACE: Duration = Duration::from_millis(200);
+/// What a shutdown may take beyond its grace in these tests (the crate aims for far less).
+const MARGIN: Duration = Duration::from_millis(900);
+
+/// A Tower service that registers work in its synchronous `call`, then panics there.
+#[derive(Clone)]
+struct PanicsInCall {
+    seen: Arc<Mutex<Vec<Completion>>>,
+}
+
+impl Service<Request<()>> for PanicsInCall {
+    type Response = Response<Empty<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let after = request.extensions().get::<After>().unwrap();
+        let seen = self.seen.clone();
+        after.run_with(move |ctx| async move {
+            seen.lock().unwrap().push(ctx.outcome().completion());
+        });
+        panic!("bug in a synchronous middleware");
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_a_synchronous_call_still_runs_the_work_as_failed() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut service = layer.layer(PanicsInCall { seen: seen.clone() });
+    let called = catch_unwind(AssertUnwindSafe(|| service.call(Request::new(()))));
+    assert!(called.is_err(), "the panic must reach the caller");
+    wait_idle(&tasks).await;
+    assert_eq!(*seen.lock().unwrap(), [Completion::Failed]);
+    assert_eq!(tasks.stats().completed(), 1);
+}
+
+/// Serves one request through `layer` whose handler registers work with `register`, and reads
+/// its response to the end, so that the work starts.
+async fn serve(layer: &AfterLayer, register: impl FnOnce(&After) + Send + 'static) {
+    let register = Mutex::new(Some(register));
+    let service = layer.layer(tower::service_fn(move |request: Request<()>| {
+        let after = request.extensions().get::<After>().unwrap().clone();
+        (register.lock().unwrap().take().unwrap())(&after);
+        async { Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())) }
+    }));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    response.into_body().collect().await.unwrap();
+}
+
+async fn wait_idle(tasks: &AfterTasks) {
+    tokio::time::timeout(Duration::from_secs(20), tasks.idle())
+        .await
+        .expect("pending callbacks never ended");
+}
+
+/// Waits until `check` holds, for at most 20 s.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_its_grace_when_a_callback_blocks_inside_its_poll() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = started.clone();
+    serve(&layer, move |after| {
+        after.run(async move {
+            flag.store(true, Ordering::SeqCst);
+            // A blocking call where an `.await` belongs: the driver cannot stop it.
+            std::thread::sleep(BLOCKED);
+        });
+    })
+    .await;
+    eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
+
+    let begun = Instant::now();
+    let report = tasks.shutdown(GRACE).await;
+    let took = begun.elapsed();
+    assert!(took < GRACE + MARGIN, "shutdown took {took:?}");
+    assert_eq!((report.completed(), report.cancelled()), (0, 1));
+
+    // It ends later by itself; no later drain counts it again.
+    let later = tasks.shutdown(Duration::from_secs(20)).await;
+    assert_eq!((later.completed(), later.cancelled()), (0, 0));
+    assert_eq!(tasks.pending(), 0);
+    assert_eq!(
+        tasks.stats().completed(),
+        1,
+        "the counters still say how it ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_its_grace_with_blocking_work_and_callbacks_waiting_for_a_place() {
+    let layer = AfterLayer::new().concurrency_limit(1);
+    let tasks = layer.tasks();
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = started.clone();
+    serve(&layer, move |after| {
+        after.run_blocking(move |_| {
+            flag.store(true, Ordering::SeqCst);
+            std::thread::sleep(BLOCKED);
+        });
+        // Waits for the blocking one's place.
+        after.run(async {});
+    })
+    .await;
+    eventually("the blocking callback to start", || {
+        started.load(Ordering::SeqCst) && tasks.stats().queued() == 1
+    })
+    .await;
+
+    let begun = Instant::now();
+    let report = tasks.shutdown(GRACE).await;
+    let took = begun.elapsed();
+    assert!(took < GRACE + MARGIN, "shutdown took {took:?}");
+    assert_eq!((report.completed(), report.cancelled()), (0, 2));
+}
+
+#[test]
+fn shutdown_keeps_its_grace_when_the_callbacks_runtime_is_not_driven() {
+    // The callbacks' runtime stops being driven (its thread is busy elsewhere, or it is simply
+    // never polled again); the shutdown runs on another one.
+    let serving = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    serving.block_on(serve(&layer, |after| {
+        after.run(std::future::pending());
+    }));
+    assert_eq!(tasks.pending(), 1);
+
+    let draining = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let begun = Instant::now();
+    let report = draining.block_on(tasks.shutdown(GRACE));
+    let took = begun.elapsed();
+    assert!(took < GRACE + MARGIN, "shutdown took {took:?}");
+    assert_eq!((report.completed(), report.cancelled()), (0, 1));
+    drop(serving);
+    assert_eq!(
+        tasks.pending(),
+        0,
+        "dropping the runtime dropped the callback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_shutdowns_never_count_a_callback_twice() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    // Each in a request of its own, so that the blocking one holds up only its own driver.
+    // Ends by itself within both graces:
+    serve(&layer, |after| {
+        after.run(tokio::time::sleep(Duration::from_millis(50)))
+    })
+    .await;
+    // Blocks past the shorter grace:
+    serve(&layer, |after| {
+        after.run(async { std::thread::sleep(Duration::from_millis(1200)) })
+    })
+    .await;
+    // Never ends by itself:
+    serve(&layer, |after| after.run(std::future::pending())).await;
+    let (short, long) = tokio::join!(
+        tasks.shutdown(GRACE),
+        tasks.shutdown(Duration::from_secs(20)),
+    );
+    let total = short.completed() + short.cancelled() + long.completed() + long.cancelled();
+    assert_eq!(total, 3, "short: {short:?}, long: {long:?}");
+    assert_eq!(
+        short.completed() + long.completed(),
+        1,
+        "short: {short:?}, long: {long:?}"
+    );
+}
