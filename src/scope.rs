@@ -8,7 +8,7 @@
 //! nothing. Acting on that (spawning, waking) happens outside the lock, in `driver.rs`.
 //!
 //! It knows nothing of Tokio, tracing or what a job is, so that it can be read on its own and
-//! checked with `loom` (see `tests/loom`), which explores every interleaving of those parties.
+//! checked with `loom` (see `loom/` in the repository), which explores every interleaving of those parties.
 
 use std::mem;
 use std::task::Waker;
