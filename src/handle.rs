@@ -32,8 +32,8 @@ use crate::{AfterContext, RequestSnapshot};
 /// Callbacks of one request start in registration order and run concurrently on a Tokio task of
 /// their own: never inside the server's poll of the response, so they delay neither this response
 /// nor the next request on the same connection. A panicking callback is caught and logged; the
-/// others still run. Each runs inside the [tracing span](tracing::Span) that was current where it
-/// was registered.
+/// others still run. Each runs inside a [tracing span](tracing::Span) of its own, `after`, that
+/// follows from the span current where it was registered (see the crate docs, *Tracing*).
 ///
 /// All of a request's callbacks share one budget, its max duration (60 s unless
 /// [`AfterLayer::max_duration`](crate::AfterLayer::max_duration) or

@@ -103,21 +103,40 @@
 //! - `TimeoutLayer` **inside**: a timed-out request's callbacks still run and see its status.
 //! - `CompressionLayer` inside: [`Outcome::body_bytes`] counts compressed bytes; outside, the
 //!   uncompressed ones. Both work.
-//! - `TraceLayer` either side: callbacks log inside the span current where they were
-//!   registered, so their lines carry the request's span.
+//! - `TraceLayer` either side. Its request span closes when the response ends, whatever the
+//!   callbacks still do: each callback runs in an `after` span of its own (see *Tracing*).
 //! - [`MaxDuration`] must be inside `AfterLayer`, which is where a route's `.layer()` puts it.
 //!
 //! # Guarantees, and what they do not cover
 //!
 //! Every callback registered runs exactly once, or is cancelled by a budget or a shutdown grace
-//! period you chose, which the log then reports (`WARN`, naming the request and the count).
+//! period you chose, which the log then reports (`WARN`, naming the request and the callback).
+//! [`AfterTasks::shutdown`] keeps its grace period even when a callback blocks inside its poll:
+//! what has not finished by then is reported as cancelled, and the shutdown returns.
 //! Callbacks live in the server's memory: a crash, `kill -9` or a power cut loses those that had
 //! not run. Work that must survive that belongs in a durable queue (a database table, a message
 //! broker) written *before* the response; use `after` to enqueue it, or for best-effort work.
 //!
-//! Callbacks need a Tokio runtime with its time driver enabled (as under `#[tokio::main]`).
-//! A response finished on a thread without a runtime has its callbacks dropped, with an error in
-//! the log, rather than a panic.
+//! Callbacks need a Tokio runtime with its time driver enabled (`enable_time` or `enable_all` on
+//! the runtime builder; `#[tokio::main]` and `#[tokio::test]` enable it). Without it, a callback
+//! that has to wait makes Tokio panic in its driver task (naming `enable_time`), and the request's
+//! callbacks are cancelled with an error in the log. A response finished on a thread without a
+//! runtime has its callbacks dropped, with an error in the log, rather than a panic.
+//!
+//! # Tracing
+//!
+//! Each callback runs in a span of its own, `after`, with no parent: a callback still running
+//! never keeps the request's span open, so the request's span (tower-http's `TraceLayer`, an
+//! OpenTelemetry server span) measures the response, not the work after it. The `after` span
+//! *follows from* the span that was current where the callback was registered (a link, in
+//! OpenTelemetry's terms) and records the request's `method` and `path`, and the callback's
+//! `name` for [`After::run_named`], so its lines can be traced back to the request. It is an
+//! `INFO` span, created only if a subscriber is interested in it.
+//!
+//! The crate logs under the target `tower_after`: a `WARN` for each callback cancelled by its
+//! budget or a shutdown, an `ERROR` for each that panicked, both inside the callback's span and
+//! naming the request. A filter such as `RUST_LOG=myapp=info` hides them: add
+//! `tower_after=warn`.
 //!
 //! # Feature flags
 //!

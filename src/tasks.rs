@@ -257,6 +257,8 @@ async fn until<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Out
 /// callback from the moment it is *registered*, not from the moment it is spawned, so a drain also
 /// waits for callbacks whose response has not finished yet.
 ///
+/// [`TaskTracker`]: https://docs.rs/tokio-util/0.7/tokio_util/task/struct.TaskTracker.html
+///
 /// # Example
 ///
 /// ```no_run
