@@ -76,9 +76,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The mutation: records an order. Analytics happen after the response.
-async fn checkout(State(database): State<Database>, after: After) -> (StatusCode, String) {
+async fn checkout(State(database): State<Database>, later: After) -> (StatusCode, String) {
     let recorder = database.clone();
-    after.run_blocking(move |ctx| {
+    later.run_blocking(move |ctx| {
         let request = ctx.request();
         let outcome = ctx.outcome();
         let row = (
@@ -105,7 +105,7 @@ async fn checkout(State(database): State<Database>, after: After) -> (StatusCode
         }
     });
 
-    let session = after
+    let session = later
         .request()
         .cookie("session-id")
         .unwrap_or("anonymous")

@@ -67,8 +67,8 @@ async fn main() -> std::io::Result<()> {
     Ok(())
 }
 
-async fn work(after: After, Query(work): Query<Work>) -> &'static str {
-    after.run_with(move |ctx| async move {
+async fn work(later: After, Query(work): Query<Work>) -> &'static str {
+    later.run_with(move |ctx| async move {
         tokio::time::sleep(Duration::from_millis(work.ms)).await;
         let line = format!("done {} after {} ms\n", ctx.request().uri(), work.ms);
         if let Ok(path) = std::env::var("JOURNAL") {

@@ -153,8 +153,8 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
             probe.delays.render()
         )
     }
-    async fn after_callback(State(probe): State<Arc<Probe>>, after: After) -> &'static str {
-        after.run_with(move |ctx| async move {
+    async fn after_callback(State(probe): State<Arc<Probe>>, later: After) -> &'static str {
+        later.run_with(move |ctx| async move {
             probe.delays.record(ctx.outcome().finished_at().elapsed());
             probe.ran.fetch_add(1, Ordering::Relaxed);
         });
@@ -166,8 +166,8 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
         });
         "Hello, World!"
     }
-    async fn after_sleep(State(probe): State<Arc<Probe>>, after: After) -> &'static str {
-        after.run(async move {
+    async fn after_sleep(State(probe): State<Arc<Probe>>, later: After) -> &'static str {
+        later.run(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             probe.ran.fetch_add(1, Ordering::Relaxed);
         });

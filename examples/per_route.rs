@@ -37,12 +37,12 @@ async fn main() -> std::io::Result<()> {
         .init();
 
     let app = Router::new()
-        .route("/quick", get(|after: After| work(after, 1)))
+        .route("/quick", get(|later: After| work(later, 1)))
         .route(
             "/report",
-            get(|after: After| work(after, 6)).layer(MaxDuration::new(Duration::from_secs(10))),
+            get(|later: After| work(later, 6)).layer(MaxDuration::new(Duration::from_secs(10))),
         )
-        .route("/overrun", get(|after: After| work(after, 6)))
+        .route("/overrun", get(|later: After| work(later, 6)))
         .layer(AfterLayer::new().max_duration(Duration::from_secs(3)));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
@@ -50,8 +50,8 @@ async fn main() -> std::io::Result<()> {
     axum::serve(listener, app).await
 }
 
-async fn work(after: After, seconds: u64) -> String {
-    after.run_with(move |ctx| async move {
+async fn work(later: After, seconds: u64) -> String {
+    later.run_with(move |ctx| async move {
         let path = ctx.request().uri().path().to_owned();
         tracing::info!(path, "started {seconds} s of work");
         tokio::time::sleep(Duration::from_secs(seconds)).await;

@@ -65,8 +65,8 @@ async fn hello() -> &'static str {
     "Hello! This response went out before its log line was written.\n"
 }
 
-async fn report(after: After) -> &'static str {
-    after.run(async {
+async fn report(later: After) -> &'static str {
+    later.run(async {
         tracing::info!("building the report...");
         tokio::time::sleep(Duration::from_secs(3)).await;
         tracing::info!("report built");
@@ -74,8 +74,8 @@ async fn report(after: After) -> &'static str {
     "Your report is being built; see the server's log.\n"
 }
 
-async fn log_after_response(after: After, request: Request, next: Next) -> Response {
-    after.run_with(|ctx| async move {
+async fn log_after_response(later: After, request: Request, next: Next) -> Response {
+    later.run_with(|ctx| async move {
         let request = ctx.request();
         let outcome = ctx.outcome();
         let agent = request.headers().get(USER_AGENT);
@@ -84,7 +84,7 @@ async fn log_after_response(after: After, request: Request, next: Next) -> Respo
             path = request.uri().path(),
             status = outcome.status().map(|status| status.as_u16()),
             user_agent = agent.and_then(|agent| agent.to_str().ok()).unwrap_or("-"),
-            completion = ?outcome.completion(),
+            completion = %outcome.completion(),
             elapsed = ?outcome.elapsed(),
             "after response"
         );

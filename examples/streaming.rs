@@ -43,15 +43,15 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .route(
             "/ticks",
-            get(|after: After, Query(ticks): Query<Ticks>| async move {
-                report_when_done(&after);
+            get(|later: After, Query(ticks): Query<Ticks>| async move {
+                report_when_done(&later);
                 events(Some(ticks.count))
             }),
         )
         .route(
             "/forever",
-            get(|after: After| async move {
-                report_when_done(&after);
+            get(|later: After| async move {
+                report_when_done(&later);
                 events(None)
             }),
         )
@@ -62,9 +62,9 @@ async fn main() -> std::io::Result<()> {
     axum::serve(listener, app).await
 }
 
-fn report_when_done(after: &After) {
+fn report_when_done(later: &After) {
     tracing::info!("handler returned; the stream is starting");
-    after.run_with(|ctx| async move {
+    later.run_with(|ctx| async move {
         let outcome = ctx.outcome();
         tracing::info!(
             path = ctx.request().uri().path(),

@@ -24,12 +24,12 @@ use tower_after::{After, AfterLayer};
 
 async fn hello(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     // `AfterLayer` put the handle there.
-    if let Some(after) = request.extensions().get::<After>() {
-        after.run_with(|ctx| async move {
+    if let Some(later) = request.extensions().get::<After>() {
+        later.run_with(|ctx| async move {
             tracing::info!(
                 method = %ctx.request().method(),
                 path = ctx.request().uri().path(),
-                status = ?ctx.outcome().status(),
+                status = ctx.outcome().status().map(|status| status.as_u16()),
                 "after response"
             );
         });

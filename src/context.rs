@@ -30,8 +30,8 @@ pub(crate) trait Finished: Send + Sync {
 ///     println!("{} {} -> {:?}", request.method(), request.uri(), ctx.outcome().status());
 /// }
 ///
-/// async fn handler(after: After) -> &'static str {
-///     after.run_with(audit);
+/// async fn handler(later: After) -> &'static str {
+///     later.run_with(audit);
 ///     "ok"
 /// }
 /// ```
@@ -177,4 +177,31 @@ pub enum Completion {
     Aborted,
     /// No response was produced: the inner service returned an error or panicked.
     Failed,
+}
+
+impl Completion {
+    /// A stable, lowercase name for storing or logging: `"complete"`, `"body_error"`,
+    /// `"aborted"` or `"failed"`. [`Display`](fmt::Display) writes the same.
+    ///
+    /// ```
+    /// use tower_after::Completion;
+    ///
+    /// assert_eq!(Completion::Aborted.as_str(), "aborted");
+    /// assert_eq!(Completion::BodyError.to_string(), "body_error");
+    /// ```
+    #[must_use]
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::BodyError => "body_error",
+            Self::Aborted => "aborted",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }

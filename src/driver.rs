@@ -33,7 +33,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::Span;
 
-use crate::callback::{BoxCallback, Callbacks, Job, Running, Stop};
+use crate::callback::{BoxCallback, Callbacks, Job, Running, Stop, WithContext};
 use crate::context::Finished;
 use crate::scope::{Next, Scope, Start};
 use crate::tasks::{Ended, Shared};
@@ -51,7 +51,13 @@ pub(crate) struct Config {
     pub(crate) limit: Option<Arc<Semaphore>>,
     /// The number of places under `limit`, for `Debug`.
     pub(crate) limit_size: Option<usize>,
+    /// Work for after every response: `AfterLayer::on_response`.
+    pub(crate) on_response: Option<OnResponse>,
 }
+
+/// The hook of `AfterLayer::on_response`, type-erased so that the layer's type stays the same.
+pub(crate) type OnResponse =
+    Arc<dyn Fn(AfterContext) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// One request, from the moment it entered the layer until its last callback ended.
 pub(crate) struct Inflight {
@@ -75,8 +81,13 @@ struct End {
 }
 
 impl Inflight {
-    pub(crate) fn new(snapshot: RequestSnapshot, shared: &Arc<Shared>, config: &Config) -> Self {
-        let inflight = Self {
+    /// A request entering the layer, with the layer's `on_response` hook registered first.
+    pub(crate) fn open(
+        snapshot: RequestSnapshot,
+        shared: &Arc<Shared>,
+        config: &Config,
+    ) -> Arc<Self> {
+        let inflight = Arc::new(Self {
             snapshot,
             entered: Instant::now(),
             budget: AtomicU64::new(0),
@@ -84,8 +95,13 @@ impl Inflight {
             shared: shared.clone(),
             limit: config.limit.clone(),
             scope: Scope::new(),
-        };
+        });
         inflight.set_budget(config.max_duration);
+        if let Some(hook) = &config.on_response {
+            let hook = hook.clone();
+            let callback = Box::pin(WithContext::new(move |ctx| hook(ctx)));
+            inflight.register(callback, None, Start::AfterResponse);
+        }
         inflight
     }
 

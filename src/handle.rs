@@ -46,10 +46,11 @@ use crate::{AfterContext, RequestSnapshot};
 /// use axum::{routing::post, Router};
 /// use tower_after::{After, AfterLayer};
 ///
-/// async fn checkout(after: After) -> &'static str {
-///     after.run_with(|ctx| async move {
+/// async fn checkout(later: After) -> &'static str {
+///     later.run_with(|ctx| async move {
 ///         let session = ctx.request().cookie("session-id").unwrap_or("anonymous");
-///         tracing::info!(session, status = ?ctx.outcome().status(), "checkout done");
+///         let status = ctx.outcome().status().map(|status| status.as_u16());
+///         tracing::info!(session, status, "checkout done");
 ///     });
 ///     "ordered"
 /// }
@@ -64,8 +65,8 @@ use crate::{AfterContext, RequestSnapshot};
 /// use tower_after::After;
 ///
 /// async fn handle(request: Request<String>) -> Result<Response<String>, std::convert::Infallible> {
-///     if let Some(after) = request.extensions().get::<After>() {
-///         after.run(async { println!("response sent") });
+///     if let Some(later) = request.extensions().get::<After>() {
+///         later.run(async { println!("response sent") });
 ///     }
 ///     Ok(Response::new("hello".to_owned()))
 /// }
@@ -139,8 +140,8 @@ impl After {
     /// The request as it entered the layer: the same snapshot its callbacks see.
     ///
     /// ```
-    /// # fn example(after: tower_after::After) {
-    /// let session = after.request().cookie("session-id").unwrap_or("anonymous");
+    /// # fn example(later: tower_after::After) {
+    /// let session = later.request().cookie("session-id").unwrap_or("anonymous");
     /// # }
     /// ```
     #[must_use]
@@ -154,16 +155,13 @@ impl After {
     /// callback or a late task), it starts on a later tick, right away.
     ///
     /// ```
-    /// # async fn example(after: tower_after::After) {
-    /// after.run(async {
+    /// # async fn example(later: tower_after::After) {
+    /// later.run(async {
     ///     // flush analytics, warm a cache, send a notification...
     /// });
     /// # }
     /// ```
-    pub fn run<F>(&self, future: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
+    pub fn run<F: AfterWork>(&self, future: F) {
         self.register(Box::pin(Plain::new(future)), None, Start::AfterResponse);
     }
 
@@ -171,8 +169,8 @@ impl After {
     /// about the request and how its response ended, and runs the future it returns.
     ///
     /// ```
-    /// # async fn example(after: tower_after::After) {
-    /// after.run_with(|ctx| async move {
+    /// # async fn example(later: tower_after::After) {
+    /// later.run_with(|ctx| async move {
     ///     let agent = ctx.request().headers().get("user-agent").cloned();
     ///     println!("{:?} answered {:?} to {agent:?}", ctx.outcome().completion(), ctx.outcome().status());
     /// });
@@ -195,11 +193,11 @@ impl After {
     /// a new registration under its name no longer replaces it: both run.
     ///
     /// ```
-    /// # async fn example(after: tower_after::After) {
+    /// # async fn example(later: tower_after::After) {
     /// // Called from several places while handling the request; the cache is warmed once,
     /// // with the last settings.
-    /// after.run_named("warm-cache", |_ctx| async { /* first version */ });
-    /// after.run_named("warm-cache", |_ctx| async { /* this one runs */ });
+    /// later.run_named("warm-cache", |_ctx| async { /* first version */ });
+    /// later.run_named("warm-cache", |_ctx| async { /* this one runs */ });
     /// # }
     /// ```
     pub fn run_named<C, F>(&self, name: impl Into<Cow<'static, str>>, callback: C)
@@ -215,11 +213,11 @@ impl After {
     /// yet, and says whether there was one.
     ///
     /// ```
-    /// # async fn example(after: tower_after::After) {
-    /// after.run_named("notify", |_ctx| async { /* send an e-mail */ });
+    /// # async fn example(later: tower_after::After) {
+    /// later.run_named("notify", |_ctx| async { /* send an e-mail */ });
     /// // The request was rolled back: nothing to notify about.
-    /// assert!(after.forget("notify"));
-    /// assert!(!after.forget("notify"));
+    /// assert!(later.forget("notify"));
+    /// assert!(!later.forget("notify"));
     /// # }
     /// ```
     pub fn forget(&self, name: &str) -> bool {
@@ -239,8 +237,8 @@ impl After {
     /// for such closures when it shuts down, unless it is shut down with a timeout.
     ///
     /// ```
-    /// # async fn example(after: tower_after::After) {
-    /// after.run_blocking(|ctx| {
+    /// # async fn example(later: tower_after::After) {
+    /// later.run_blocking(|ctx| {
     ///     let path = ctx.request().uri().path().to_owned();
     ///     std::fs::write("/tmp/last-request", path).ok();
     /// });
@@ -262,14 +260,11 @@ impl After {
     ///
     /// ```
     /// # async fn save(_: &str) {}
-    /// # async fn example(after: tower_after::After) {
-    /// after.wait_until(async { save("draft").await });
+    /// # async fn example(later: tower_after::After) {
+    /// later.wait_until(async { save("draft").await });
     /// # }
     /// ```
-    pub fn wait_until<F>(&self, future: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
+    pub fn wait_until<F: AfterWork>(&self, future: F) {
         self.register(Box::pin(Plain::new(future)), None, Start::Now);
     }
 
@@ -294,12 +289,59 @@ impl After {
 /// }
 /// ```
 #[track_caller]
-pub fn after<F>(future: F)
-where
-    F: Future<Output = ()> + Send + 'static,
-{
+pub fn after<F: AfterWork>(future: F) {
     After::current().run(future);
 }
+
+/// Runs `future` after the current request's response has been sent, if there is a current
+/// request: the counterpart of [`after()`] that never panics. Returns whether it was registered.
+///
+/// For helpers shared between request handlers and other code (a job runner, a CLI, a test):
+/// inside a request handled by [`AfterLayer`](crate::AfterLayer) the work waits for the
+/// response; elsewhere `try_after` returns `false` and the helper decides what to do.
+///
+/// ```
+/// async fn record(event: &'static str) {
+///     let work = async move { println!("recorded {event}") };
+///     if !tower_after::try_after(work) {
+///         // Not inside a request: nothing to wait for.
+///         println!("recorded {event} at once");
+///     }
+/// }
+/// ```
+pub fn try_after<F: AfterWork>(future: F) -> bool {
+    match After::try_current() {
+        Some(after) => {
+            after.run(future);
+            true
+        }
+        None => false,
+    }
+}
+
+/// What [`After::run`], [`After::wait_until`], [`after()`] and [`try_after()`] accept: a future
+/// that returns `()`, is `Send` and owns what it uses (`'static`). Every such future is one.
+///
+/// It exists for the error message when a closure is passed instead, as Next.js's
+/// `after(() => ..)` invites: a closure that receives the request's context goes to
+/// [`After::run_with`].
+///
+/// ```compile_fail
+/// # fn example(later: tower_after::After) {
+/// later.run(|ctx| async move { let _ = ctx; }); // a closure: use `run_with`
+/// # }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a future that `After::run` can run",
+    label = "expected a future, such as `async move {{ .. }}`",
+    note = "for a closure that receives the request's context, as Next.js's `after(() => ..)`, \
+            use `After::run_with(|ctx| async move {{ .. }})`",
+    note = "the work must be a future that returns `()`, is `Send` and owns what it uses \
+            (`async move`)"
+)]
+pub trait AfterWork: Future<Output = ()> + Send + 'static {}
+
+impl<F: Future<Output = ()> + Send + 'static> AfterWork for F {}
 
 impl fmt::Debug for After {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -2,6 +2,7 @@
 //! route's budget.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::driver::Config;
 use crate::tasks::Shared;
-use crate::{After, AfterService, AfterTasks};
+use crate::{After, AfterContext, AfterService, AfterTasks};
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see
 /// [`After`].
@@ -38,8 +39,9 @@ use crate::{After, AfterService, AfterTasks};
 ///
 /// # Ordering
 ///
-/// Layers added after `AfterLayer` wrap it. Keep there what must happen *before* the callbacks
-/// see the outcome, and inside it what callbacks should observe:
+/// Layers added after `AfterLayer` wrap it, and its callbacks see the response as it leaves
+/// `AfterLayer`: what the layers inside it did to the response, not what the layers outside do.
+/// So put inside it every layer whose effect callbacks should see:
 /// - a panic-catching layer (tower-http's `CatchPanicLayer`) goes inside, so callbacks see the
 ///   `500` it makes rather than a missing response;
 /// - a timeout layer inside makes a timed-out request's callbacks see its `408`/`503`;
@@ -65,6 +67,7 @@ impl AfterLayer {
                 max_duration: Self::DEFAULT_MAX_DURATION,
                 limit: None,
                 limit_size: None,
+                on_response: None,
             },
         }
     }
@@ -121,6 +124,42 @@ impl AfterLayer {
         self
     }
 
+    /// Runs `hook` after *every* response this layer serves, like a callback each request had
+    /// registered first: with the same [`AfterContext`] (the request's snapshot and how its
+    /// response ended), on the same terms (after the response, also when the client left or the
+    /// handler failed; under the request's budget, the concurrency limit and the shutdown
+    /// drain; counted in [`AfterTasks::stats`]).
+    ///
+    /// It is what an access log, an audit trail or a metrics exporter wants: it also sees the
+    /// requests whose handler never ran or never registered anything, such as a `POST` whose
+    /// JSON the `Json` extractor rejected with a `400`. It is tower-http's `on_eos`, made async
+    /// and aware of clients that leave.
+    ///
+    /// ```
+    /// use tower_after::{AfterContext, AfterLayer};
+    ///
+    /// async fn audit(ctx: AfterContext) {
+    ///     let request = ctx.request();
+    ///     let status = ctx.outcome().status().map(|status| status.as_u16());
+    ///     tracing::info!(method = %request.method(), path = request.uri().path(), status,
+    ///         completion = %ctx.outcome().completion(), "audit");
+    /// }
+    ///
+    /// let layer = AfterLayer::new().on_response(audit);
+    /// ```
+    ///
+    /// Calling it again replaces the hook. Each request then costs one more small allocation and
+    /// a callback start, measured in `BENCHMARKS.md`.
+    #[must_use]
+    pub fn on_response<C, F>(mut self, hook: C) -> Self
+    where
+        C: Fn(AfterContext) -> F + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.config.on_response = Some(Arc::new(move |ctx| Box::pin(hook(ctx))));
+        self
+    }
+
     /// A handle on the callbacks of this layer and all its clones, to count them and to drain
     /// them at shutdown.
     ///
@@ -154,6 +193,7 @@ impl fmt::Debug for AfterLayer {
         f.debug_struct("AfterLayer")
             .field("max_duration", &self.config.max_duration)
             .field("concurrency_limit", &self.config.limit_size)
+            .field("on_response", &self.config.on_response.is_some())
             .field("tasks", &self.tasks())
             .finish()
     }
@@ -242,8 +282,62 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         match request.extensions().get::<After>() {
             Some(after) => after.set_budget(self.max_duration),
-            None => tracing::debug!("`MaxDuration` has no effect outside `AfterLayer`"),
+            None => warn_misplaced(),
         }
         self.inner.call(request)
+    }
+}
+
+/// Says once per process, at `WARN`, that a `MaxDuration` sits outside `AfterLayer`: a mistake
+/// in the code, not something requests cause, so repeating it for each request adds nothing.
+fn warn_misplaced() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "`MaxDuration` has no effect outside `AfterLayer`: add `AfterLayer` after it \
+             (`.route(..).layer(MaxDuration::new(..))`, then `.layer(AfterLayer::new())` on the \
+             router), or move `MaxDuration` inside it in a `ServiceBuilder`"
+        );
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use tower::{service_fn, Layer, ServiceExt};
+
+    use super::{AfterLayer, MaxDuration};
+    use crate::test_util::Logs;
+
+    #[test]
+    fn debug_shows_the_settings() {
+        let layer = AfterLayer::new()
+            .max_duration(Duration::from_secs(5))
+            .concurrency_limit(64);
+        let debug = format!("{layer:?}");
+        assert!(debug.contains("concurrency_limit: Some(64)"), "{debug}");
+        assert!(debug.contains("max_duration: 5s"), "{debug}");
+    }
+
+    #[tokio::test]
+    async fn a_max_duration_outside_the_layer_warns_once_naming_the_fix() {
+        let logs = Logs::capture();
+        let service =
+            MaxDuration::new(Duration::from_secs(1)).layer(service_fn(|_: Request<()>| async {
+                Ok::<_, Infallible>(Response::new(()))
+            }));
+        for _ in 0..3 {
+            service.clone().oneshot(Request::new(())).await.unwrap();
+        }
+        let warnings = logs.lines_with("`MaxDuration` has no effect outside `AfterLayer`");
+        // Once per process: another test may have said it first.
+        assert!(warnings.len() <= 1, "{warnings:?}");
+        assert!(
+            warnings.iter().all(|line| line.contains("WARN")),
+            "{warnings:?}"
+        );
     }
 }

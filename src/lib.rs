@@ -19,10 +19,11 @@
 //! use tower::ServiceExt;
 //! use tower_after::{After, AfterLayer, MaxDuration};
 //!
-//! async fn handler(after: After) -> &'static str {
-//!     after.run_with(|ctx| async move {
+//! async fn handler(later: After) -> &'static str {
+//!     later.run_with(|ctx| async move {
 //!         let session = ctx.request().cookie("session-id").unwrap_or("anonymous");
-//!         tracing::info!(session, status = ?ctx.outcome().status(), "user action");
+//!         let status = ctx.outcome().status().map(|status| status.as_u16());
+//!         tracing::info!(session, status, "user action");
 //!     });
 //!     "ok"
 //! }
@@ -50,8 +51,24 @@
 //! # }
 //! ```
 //!
-//! Anywhere in the request's task, [`after(future)`](after()) is short for
-//! `After::current().run(future)`. Without axum, read [`After`] from the request extensions.
+//! [`run_with`](After::run_with) takes a closure that receives the request's [`AfterContext`],
+//! as Next.js's `after(() => ..)` does; [`run`](After::run) takes a future that needs none. Async
+//! closures work as well: `later.run_with(async |ctx| { .. })`.
+//!
+//! Deep in a handler's call tree, where no handle was passed down, the free function
+//! [`after(future)`](after()) is short for `After::current().run(future)`, and
+//! [`try_after`] is its non-panicking twin for helpers that also run outside requests:
+//!
+//! ```
+//! async fn record_signup(email: String) {
+//!     tower_after::after(async move {
+//!         tracing::info!(email, "welcome e-mail queued"); // once the response is out
+//!     });
+//! }
+//! ```
+//!
+//! Without axum, read [`After`] from the request extensions. This crate supports axum 0.8
+//! (through axum-core 0.5), Tower 0.5, hyper 1 and Tokio 1.
 //!
 //! # The mental model
 //!
@@ -87,7 +104,7 @@
 //!
 //! | Next.js                                   | tower-after                                                   |
 //! |-------------------------------------------|---------------------------------------------------------------|
-//! | `after(callback)`                         | [`after()`], [`After::run`], [`After::run_with`]              |
+//! | `after(() => { .. })`                     | [`After::run_with`]`(\|ctx\| async move { .. })`; a future needing no context: [`After::run`], or [`after()`] deep in the call tree |
 //! | `waitUntil(promise)`, `after(promise)`    | [`After::wait_until`]: starts now, budgeted and drained       |
 //! | `headers()`, `cookies()` inside `after`   | [`AfterContext::request`]: [`RequestSnapshot::headers`], [`RequestSnapshot::cookie`] |
 //! | `maxDuration`                             | [`MaxDuration`] on a route, [`AfterLayer::max_duration`] for all |
@@ -97,7 +114,37 @@
 //! # Where to put the layer
 //!
 //! Add `AfterLayer` last (outermost) on the router, so that every route, fallback and middleware
-//! is inside it. Then, relative to tower-http's layers:
+//! is inside it. `Router::layer` wraps what came before, so the outermost layer comes last;
+//! `ServiceBuilder` lists the outermost first. The recommended stack, both ways:
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{http::StatusCode, routing::get, Router};
+//! use tower::ServiceBuilder;
+//! use tower_after::AfterLayer;
+//! use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer, trace::TraceLayer};
+//!
+//! let timeout = || TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(10));
+//!
+//! // `Router::layer`: innermost first.
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hi" }))
+//!     .layer(timeout())
+//!     .layer(CatchPanicLayer::new())
+//!     .layer(AfterLayer::new())
+//!     .layer(TraceLayer::new_for_http());
+//!
+//! // `ServiceBuilder`: outermost first.
+//! let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(
+//!     ServiceBuilder::new()
+//!         .layer(TraceLayer::new_for_http())
+//!         .layer(AfterLayer::new())
+//!         .layer(CatchPanicLayer::new())
+//!         .layer(timeout()),
+//! );
+//! ```
+//!
+//! Relative to tower-http's layers:
 //! - `CatchPanicLayer` **inside** `AfterLayer`: callbacks see the `500` it makes. Outside, a
 //!   panicking handler is seen as [`Completion::Failed`] with no status.
 //! - `TimeoutLayer` **inside**: a timed-out request's callbacks still run and see its status.
@@ -170,8 +217,8 @@
 //! let (entered, mut seen) = tokio::sync::watch::channel(0_u64);
 //! let app = Router::new()
 //!     .route("/", post(handler))
-//!     .layer(middleware::from_fn(move |after: After, request: Request, next: Next| {
-//!         after.run(async {}); // holds `idle()` until this response is finished
+//!     .layer(middleware::from_fn(move |later: After, request: Request, next: Next| {
+//!         later.run(async {}); // holds `idle()` until this response is finished
 //!         entered.send_modify(|count| *count += 1);
 //!         next.run(request)
 //!     }))
@@ -200,6 +247,11 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+/// The README's Rust examples, compiled and run as doctests so that they stay correct.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod body;
 mod callback;
 mod context;
@@ -221,7 +273,7 @@ pub use context::{AfterContext, Completion, Outcome};
 #[cfg(feature = "axum")]
 pub use extract::MissingAfterLayer;
 pub use future::ResponseFuture;
-pub use handle::{after, After};
+pub use handle::{after, try_after, After, AfterWork};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
 pub use service::AfterService;
 pub use snapshot::RequestSnapshot;

@@ -27,8 +27,8 @@ use crate::{After, AfterBody, Completion, RequestSnapshot};
 /// let service = ServiceBuilder::new()
 ///     .layer(AfterLayer::new())
 ///     .service(service_fn(|request: Request<String>| async move {
-///         if let Some(after) = request.extensions().get::<After>() {
-///             after.run(async { /* after the response */ });
+///         if let Some(later) = request.extensions().get::<After>() {
+///             later.run(async { /* after the response */ });
 ///         }
 ///         Ok::<_, Infallible>(Response::new(String::from("hello")))
 ///     }));
@@ -81,7 +81,7 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let snapshot = RequestSnapshot::new(&request);
-        let inflight = Arc::new(Inflight::new(snapshot, &self.shared, &self.config));
+        let inflight = Inflight::open(snapshot, &self.shared, &self.config);
         request
             .extensions_mut()
             .insert(After::new(inflight.clone()));
