@@ -68,7 +68,7 @@ fn report_when_done(later: &After) {
         let outcome = ctx.outcome();
         tracing::info!(
             path = ctx.request().uri().path(),
-            completion = ?outcome.completion(),
+            completion = %outcome.completion(),
             bytes = outcome.body_bytes(),
             elapsed = ?outcome.elapsed(),
             "stream over"
