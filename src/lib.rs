@@ -161,8 +161,24 @@
 //! [`AfterTasks::shutdown`] keeps its grace period even when a callback blocks inside its poll:
 //! what has not finished by then is reported as cancelled, and the shutdown returns.
 //! Callbacks live in the server's memory: a crash, `kill -9` or a power cut loses those that had
-//! not run. Work that must survive that belongs in a durable queue (a database table, a message
-//! broker) written *before* the response; use `after` to enqueue it, or for best-effort work.
+//! not run. Work that must survive that belongs in a durable queue: push it *before* responding
+//! (see below), and keep `after` for best-effort work.
+//!
+//! # Which guarantee do you need?
+//!
+//! - **Best effort**: [`After::run`], [`After::run_with`]. Analytics, logs, cache warming. The
+//!   work costs the response nothing and never fails it; it lives in the server's memory, so a
+//!   crash, `kill -9` or a stop that does not drain loses what has not run yet.
+//! - **Finished at shutdown**: the same callbacks, with [`AfterTasks::shutdown`] called once
+//!   `axum::serve(..).with_graceful_shutdown(..)` returns. A SIGTERM or a rolling deploy then
+//!   waits, up to the grace period, for the pending work; a crash still loses it.
+//! - **Must not be lost**: a durable queue. Receipts, payments, webhooks: push a job to a queue
+//!   in a database *before* responding, and let a worker run it. The response waits for one
+//!   committed write and a failed push fails the request, but the job survives a crash and runs
+//!   at least once, so make it tolerate a second run. The `durable_jobs` example
+//!   (`examples/durable-jobs` in the repository) does this with [apalis](https://docs.rs/apalis)
+//!   and SQLite, beside `after` for its analytics, and shows the switch to PostgreSQL or Redis
+//!   for several replicas.
 //!
 //! Callbacks need a Tokio runtime with its time driver enabled (`enable_time` or `enable_all` on
 //! the runtime builder; `#[tokio::main]` and `#[tokio::test]` enable it). Without it, a callback

@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let analytics = Analytics::new(|view| async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        tracing::info!(path = %view.path, status = ?view.status, elapsed = ?view.elapsed, "page view recorded");
+        tracing::info!(path = %view.path, status = view.status, elapsed = ?view.elapsed, "page view recorded");
     });
 
     // Unique per process, and per machine when replicas share a queue (containers set
