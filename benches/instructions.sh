@@ -16,7 +16,7 @@ fi
 cargo build --release --example loadtest -q
 variants=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
-    variants=(bare noop-layer trace-eos after spawn after-callback spawn-sleep after-sleep)
+    variants=(bare noop-layer trace-eos after after-outer eos-spawn after-callback after-hook after-outer-callback spawn eos-spawn-sleep after-sleep spawn-sleep)
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -20,7 +20,6 @@
 //! start. Every server reports its peak resident memory.
 
 use std::collections::BTreeMap;
-use std::future::IntoFuture;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -40,8 +39,25 @@ const VARIANTS: &[(&str, &str)] = &[
     ("noop-layer", "+ a no-op layer (any layer's floor)"),
     ("trace-eos", "+ tower-http TraceLayer with an on_eos hook"),
     ("after", "+ AfterLayer, no callback"),
+    (
+        "after-outer",
+        "AfterLayer around the whole router, no callback",
+    ),
+    ("eos-spawn", "+ TraceLayer whose on_eos spawns the work"),
     ("after-callback", "+ AfterLayer, one callback per request"),
+    (
+        "after-hook",
+        "+ AfterLayer with an on_response hook, nothing else",
+    ),
+    (
+        "after-outer-callback",
+        "AfterLayer around the whole router, one callback",
+    ),
     ("spawn", "tokio::spawn in the handler"),
+    (
+        "eos-spawn-sleep",
+        "+ TraceLayer whose on_eos spawns a 50 ms sleep",
+    ),
     ("after-sleep", "+ AfterLayer, one 50 ms sleeping callback"),
     ("spawn-sleep", "tokio::spawn of a 50 ms sleep"),
     (
@@ -52,7 +68,34 @@ const VARIANTS: &[(&str, &str)] = &[
 
 /// Each ratio reported: variant, baseline, what is compared, target.
 const RATIOS: &[(&str, &str, Metric, &str)] = &[
-    ("after", "bare", Metric::Throughput, ">= 0.98"),
+    ("after", "trace-eos", Metric::Throughput, ">= 0.97"),
+    ("after-callback", "eos-spawn", Metric::Throughput, ">= 0.97"),
+    (
+        "after-sleep",
+        "eos-spawn-sleep",
+        Metric::Throughput,
+        ">= 0.97",
+    ),
+    ("after-sleep", "eos-spawn-sleep", Metric::P99, "<= 1.05"),
+    (
+        "after-hook",
+        "eos-spawn",
+        Metric::Throughput,
+        "(the hook's cost)",
+    ),
+    (
+        "after-outer",
+        "trace-eos",
+        Metric::Throughput,
+        "(outside the router)",
+    ),
+    (
+        "after-outer-callback",
+        "eos-spawn",
+        Metric::Throughput,
+        "(outside the router)",
+    ),
+    ("after", "bare", Metric::Throughput, "(against bare axum)"),
     (
         "noop-layer",
         "bare",
@@ -65,8 +108,18 @@ const RATIOS: &[(&str, &str, Metric, &str)] = &[
         Metric::Throughput,
         "(nearest existing tool)",
     ),
-    ("after-callback", "spawn", Metric::Throughput, ">= 0.97"),
-    ("after-sleep", "spawn-sleep", Metric::P99, "<= 1.05"),
+    (
+        "after-callback",
+        "spawn",
+        Metric::Throughput,
+        "(against a spawn)",
+    ),
+    (
+        "after-sleep",
+        "spawn-sleep",
+        Metric::P99,
+        "(against a spawn)",
+    ),
     (
         "after-sleep-limit",
         "after-sleep",
@@ -125,6 +178,21 @@ fn serve(variant: &str, exit_after: Option<Duration>) {
             .await
             .expect("a free port on 127.0.0.1");
         println!("{}", listener.local_addr().expect("a local address"));
+        let server = async move {
+            if variant.starts_with("after-outer") {
+                // Around the whole router: `axum::serve` wants an axum `Body`, so the body is
+                // boxed once, here, instead of by `Router::layer`.
+                let service = tower::ServiceBuilder::new()
+                    .map_response(|response: http::Response<_>| response.map(axum::body::Body::new))
+                    .layer(AfterLayer::new())
+                    .service(app);
+                let service =
+                    axum::ServiceExt::<axum::extract::Request>::into_make_service(service);
+                axum::serve(listener, service).await
+            } else {
+                axum::serve(listener, app).await
+            }
+        };
         let stop = async move {
             match exit_after {
                 Some(after) => tokio::time::sleep(after).await,
@@ -132,7 +200,7 @@ fn serve(variant: &str, exit_after: Option<Duration>) {
             }
         };
         tokio::select! {
-            served = axum::serve(listener, app).into_future() => served.expect("the server runs"),
+            served = server => served.expect("the server runs"),
             () = stop => {}
         }
     });
@@ -173,6 +241,21 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
         });
         "Hello, World!"
     }
+    /// What a user would write instead of the crate: tower-http's `on_eos` spawning the work.
+    fn eos_spawn(router: Router, probe: &Arc<Probe>, sleep: bool) -> Router {
+        let probe = probe.clone();
+        router.layer(TraceLayer::new_for_http().on_eos(
+            move |_: Option<&http::HeaderMap>, _: Duration, _: &tracing::Span| {
+                let probe = probe.clone();
+                tokio::spawn(async move {
+                    if sleep {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    probe.ran.fetch_add(1, Ordering::Relaxed);
+                });
+            },
+        ))
+    }
     async fn spawn_sleep(State(probe): State<Arc<Probe>>) -> &'static str {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -197,6 +280,20 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
             },
         )),
         "after" => route(get(hello)).layer(AfterLayer::new()),
+        "after-outer" => route(get(hello)),
+        "after-outer-callback" => route(get(after_callback)),
+        "after-hook" => {
+            let probe = probe.clone();
+            route(get(hello)).layer(AfterLayer::new().on_response(move |ctx| {
+                let probe = probe.clone();
+                async move {
+                    probe.delays.record(ctx.outcome().finished_at().elapsed());
+                    probe.ran.fetch_add(1, Ordering::Relaxed);
+                }
+            }))
+        }
+        "eos-spawn" => eos_spawn(route(get(hello)), &probe, false),
+        "eos-spawn-sleep" => eos_spawn(route(get(hello)), &probe, true),
         "after-callback" => route(get(after_callback)).layer(AfterLayer::new()),
         "spawn" => route(get(spawn)),
         "after-sleep" => route(get(after_sleep)).layer(AfterLayer::new()),

@@ -217,7 +217,7 @@ impl Running {
         let request = self.ctx.request();
         tracing::warn!(
             method = %request.method(),
-            path = request.uri().path(),
+            path = request.path(),
             name = self.name.as_deref(),
             "after callback cancelled: {why}"
         );
@@ -349,7 +349,7 @@ fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: &(dyn Any + S
         .unwrap_or("(not a string)");
     tracing::error!(
         method = %request.method(),
-        path = request.uri().path(),
+        path = request.path(),
         name,
         panic = message,
         "after callback panicked"

@@ -186,7 +186,7 @@ impl Inflight {
             }
             tracing::error!(
                 method = %self.snapshot.method(),
-                path = self.snapshot.uri().path(),
+                path = self.snapshot.path(),
                 cancelled = count,
                 "after callbacks dropped: no Tokio runtime is running on this thread \
                  (poll and drop the response inside the runtime that serves it)"
@@ -234,7 +234,7 @@ fn callback_span(request: &RequestSnapshot, name: Option<&str>) -> Span {
         parent: None,
         "after",
         method = %request.method(),
-        path = request.uri().path(),
+        path = request.path(),
         name,
     );
     span.follows_from(Span::current());
@@ -264,7 +264,7 @@ pin_project! {
             for job in abandoned {
                 job.end(Ended::Cancelled, &this.inflight.snapshot);
             }
-            let (method, path) = (this.inflight.snapshot.method(), this.inflight.snapshot.uri().path());
+            let (method, path) = (this.inflight.snapshot.method(), this.inflight.snapshot.path());
             if std::thread::panicking() {
                 // Only Tokio can panic here: a timer on a runtime without its time driver.
                 tracing::error!(

@@ -80,6 +80,9 @@ struct Ledger {
     totals: AfterStats,
     /// Callbacks that ended without having been written off, by how: what drains report.
     settled: Settled,
+    /// Callers waiting in `idle()`: reaching zero wakes them, and costs nothing when there are
+    /// none.
+    idle_waiters: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -152,7 +155,7 @@ impl Shared {
         } else {
             ledger.written_off -= 1;
         }
-        let idle = ledger.pending + ledger.written_off == 0;
+        let idle = ledger.pending + ledger.written_off == 0 && ledger.idle_waiters > 0;
         drop(ledger);
         #[cfg(feature = "metrics")]
         metrics::counter!(names::ended(how)).increment(1);
@@ -221,13 +224,31 @@ impl Shared {
     }
 
     async fn idle(&self) {
+        /// Counts its caller among the waiters while it lives, however the wait ends.
+        struct Waiting<'a>(&'a Shared);
+
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.ledger().idle_waiters -= 1;
+            }
+        }
+
+        let mut waiting = None;
         loop {
             // A `Notified` hears every `notify_waiters` from its creation on, even before it is
-            // polled: created before the check, it cannot miss the drop to zero.
+            // polled: created before the check, it cannot miss the drop to zero, which is
+            // announced whenever a waiter is counted (under the same lock as the check).
             let notified = self.idle.notified();
-            if self.pending() == 0 {
-                return;
+            {
+                let mut ledger = self.ledger();
+                if ledger.pending + ledger.written_off == 0 {
+                    return;
+                }
+                if waiting.is_none() {
+                    ledger.idle_waiters += 1;
+                }
             }
+            waiting.get_or_insert(Waiting(self));
             notified.await;
         }
     }
