@@ -7,6 +7,7 @@
 //! every one of these paths finishes the request exactly once.
 
 use std::fmt;
+use std::mem;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -14,7 +15,8 @@ use std::task::{ready, Context, Poll};
 use crate::driver::Inflight;
 use crate::Completion;
 use bytes::Buf;
-use http::{Method, StatusCode};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -55,8 +57,10 @@ pin_project! {
 
 impl<B: Body> AfterBody<B> {
     pub(crate) fn new(inner: B, mut finisher: Finisher) -> Self {
-        finisher.expected = inner.size_hint().exact();
-        if inner.is_end_stream() {
+        // A `Content-Length` header binds the server just as an exact size hint does: hyper
+        // stops polling once that many bytes are out (`ServeFile`, a stream with its length).
+        finisher.expected = inner.size_hint().exact().or(finisher.expected);
+        if inner.is_end_stream() || finisher.expected == Some(0) {
             finisher.on_drop = Completion::Complete;
         }
         Self { inner, finisher }
@@ -72,7 +76,12 @@ impl<B: Body> Body for AfterBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        // A panic in the inner body unwinds through here: the server drops this body, and the
+        // response failed rather than being left by the client.
+        let on_drop = mem::replace(&mut this.finisher.on_drop, Completion::BodyError);
+        let polled = this.inner.as_mut().poll_frame(cx);
+        this.finisher.on_drop = on_drop;
+        let frame = ready!(polled);
         let finisher = this.finisher;
         match &frame {
             Some(Ok(frame)) => {
@@ -159,8 +168,11 @@ impl Finisher {
 
     /// Records the response's status; a response the server sends without a body counts as
     /// complete once dropped.
-    pub(crate) fn responded(mut self, status: StatusCode) -> Self {
+    pub(crate) fn responded(mut self, status: StatusCode, headers: &HeaderMap) -> Self {
         self.status = Some(status);
+        self.expected = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|length| length.to_str().ok()?.parse().ok());
         let head = self
             .inflight
             .as_ref()

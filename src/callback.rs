@@ -260,7 +260,7 @@ impl Future for Running {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(())) => Ended::Completed,
             Err(panic) => {
-                log_panic(this.ctx.request(), this.name.as_deref(), &*panic);
+                log_panic(this.ctx.request(), this.name.as_deref(), panic);
                 Ended::Panicked
             }
         };
@@ -337,11 +337,12 @@ impl Callbacks {
 /// Drops a user's callback, catching and logging a panic in its `Drop`.
 fn drop_quietly(callback: BoxCallback, request: &RequestSnapshot, name: Option<&str>) {
     if let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(callback))) {
-        log_panic(request, name, &*panic);
+        log_panic(request, name, panic);
     }
 }
 
-fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: &(dyn Any + Send)) {
+/// Logs a caught panic, then drops its payload, which is user code too.
+fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: Box<dyn Any + Send>) {
     let message = panic
         .downcast_ref::<&str>()
         .copied()
@@ -354,4 +355,10 @@ fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: &(dyn Any + S
         panic = message,
         "after callback panicked"
     );
+    // A payload whose own `Drop` panics would escape here: catch that, and leak what it threw
+    // rather than unwind through the driver.
+    if let Err(again) = catch_unwind(AssertUnwindSafe(|| drop(panic))) {
+        #[allow(clippy::mem_forget)]
+        std::mem::forget(again);
+    }
 }

@@ -248,6 +248,8 @@ pin_project! {
         running: Callbacks,
         // Armed only once a callback is still pending after its first poll.
         waits: Option<Pin<Box<Waits>>>,
+        // Set while Tokio arms the budget's timer, which panics without a time driver.
+        arming: bool,
         done: bool,
     }
 
@@ -265,8 +267,8 @@ pin_project! {
                 job.end(Ended::Cancelled, &this.inflight.snapshot);
             }
             let (method, path) = (this.inflight.snapshot.method(), this.inflight.snapshot.path());
-            if std::thread::panicking() {
-                // Only Tokio can panic here: a timer on a runtime without its time driver.
+            if *this.arming {
+                // Tokio panicked arming the timer: the runtime has no time driver.
                 tracing::error!(
                     %method, path, cancelled = count,
                     "after callbacks dropped: they need Tokio's time driver \
@@ -303,6 +305,7 @@ impl Driver {
             inflight,
             running: Callbacks::default(),
             waits: None,
+            arming: false,
             done: false,
         }
     }
@@ -333,7 +336,7 @@ impl Future for Driver {
             }
             if this.running.poll_next(cx).is_pending() {
                 // Something still runs: wait for it, the budget, or a shutdown.
-                return match wait(inflight, this.waits, cx) {
+                return match wait(inflight, this.waits, this.arming, cx) {
                     Some(why) => stop(inflight, this.running, this.done, why),
                     None => Poll::Pending,
                 };
@@ -348,6 +351,7 @@ impl Future for Driver {
 fn wait(
     inflight: &Inflight,
     waits: &mut Option<Pin<Box<Waits>>>,
+    arming: &mut bool,
     cx: &mut Context<'_>,
 ) -> Option<Stop> {
     let waits = waits.get_or_insert_with(|| {
@@ -364,7 +368,9 @@ fn wait(
     let end = inflight.end.get()?;
     let deadline = end.deadline?;
     if waits.budget.is_none() {
+        *arming = true;
         waits.budget.set(Some(tokio::time::sleep_until(deadline)));
+        *arming = false;
     }
     let sleep = waits.budget.as_pin_mut()?;
     sleep
@@ -1029,6 +1035,27 @@ mod tests {
             errors[0].contains("ERROR") && errors[0].contains("cancelled=1"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn an_unrelated_panic_is_not_blamed_on_the_time_driver() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                serve(&layer, |after| after.run(std::future::pending())).await;
+                settle().await;
+                panic!("an unrelated bug");
+            });
+        }));
+        assert!(unwound.is_err());
+        // The runtime dropped the waiting driver while the panic unwound.
+        assert_eq!(layer.tasks().pending(), 0);
+        assert!(logs.lines_with("enable_time").is_empty(), "{}", logs.text());
     }
 
     #[tokio::test]

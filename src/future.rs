@@ -67,7 +67,8 @@ where
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(response)) => {
-                let finisher = mem::take(this.finisher).responded(response.status());
+                let finisher =
+                    mem::take(this.finisher).responded(response.status(), response.headers());
                 Poll::Ready(Ok(response.map(|body| AfterBody::new(body, finisher))))
             }
             Poll::Ready(Err(error)) => {

@@ -232,9 +232,9 @@ impl After {
     /// concurrency limit, belongs to the request's budget and to the shutdown drain), with one
     /// limit: a blocking closure cannot be interrupted. One that has not started when its
     /// budget or the shutdown grace runs out never starts; one that has started runs to its end
-    /// on the blocking pool (keeping its place under the concurrency limit), even though the
-    /// request stops waiting for it and counts it as timed out or cancelled. The runtime waits
-    /// for such closures when it shuts down, unless it is shut down with a timeout.
+    /// on the blocking pool, even though the request stops waiting for it, counts it as timed out
+    /// or cancelled, and gives its place under the concurrency limit to the next callback. The
+    /// runtime waits for such closures when it shuts down, unless it is shut down with a timeout.
     ///
     /// ```
     /// # async fn example(later: tower_after::After) {

@@ -182,8 +182,9 @@
 //!
 //! Callbacks need a Tokio runtime with its time driver enabled (`enable_time` or `enable_all` on
 //! the runtime builder; `#[tokio::main]` and `#[tokio::test]` enable it). Without it, a callback
-//! that has to wait makes Tokio panic in its driver task (naming `enable_time`), and the request's
-//! callbacks are cancelled with an error in the log. A response finished on a thread without a
+//! that has to wait makes Tokio panic in its driver task (naming `enable_time`; your panic hook
+//! sees it, and under `panic = "abort"` the process aborts), and the request's callbacks are
+//! cancelled with an error in the log. A response finished on a thread without a
 //! runtime has its callbacks dropped, with an error in the log, rather than a panic.
 //!
 //! # Tracing

@@ -13,13 +13,16 @@
 //! ends later was already reported.
 
 use std::fmt;
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -258,10 +261,68 @@ impl Shared {
 const SETTLE: Duration = Duration::from_millis(50);
 
 /// Awaits `future` until `deadline` (`None`: no deadline); `None` if the deadline came first.
+///
+/// Tokio's timer keeps the deadline, and a plain thread keeps it too: Tokio's timers are driven
+/// by its worker threads, and callbacks that block every worker inside their poll would
+/// otherwise hold the deadline back with them.
 async fn until<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
-    match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
-        None => Some(future.await),
+    let Some(deadline) = deadline else {
+        return Some(future.await);
+    };
+    let mut future = pin!(future);
+    let mut timer = pin!(tokio::time::sleep_until(deadline));
+    let mut backstop = Backstop::start(deadline);
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        if timer.as_mut().poll(cx).is_ready() || backstop.poll_fired(cx) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A thread that wakes a waiting task at a deadline, unless dropped first.
+struct Backstop {
+    /// `None` once the thread is gone without firing (it could not be started).
+    fired: Option<oneshot::Receiver<()>>,
+    /// Dropping it ends the thread's wait early.
+    _cancel: mpsc::Sender<()>,
+}
+
+impl Backstop {
+    fn start(deadline: Instant) -> Self {
+        let (fire, fired) = oneshot::channel();
+        let (cancel, cancelled) = mpsc::channel::<()>();
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let started = std::thread::Builder::new()
+            .name("tower-after-deadline".into())
+            .spawn(move || {
+                if let Err(RecvTimeoutError::Timeout) = cancelled.recv_timeout(wait) {
+                    let _ = fire.send(());
+                }
+            });
+        Self {
+            // Without the thread, Tokio's timer alone keeps the deadline.
+            fired: started.is_ok().then_some(fired),
+            _cancel: cancel,
+        }
+    }
+
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(fired) = &mut self.fired else {
+            return false;
+        };
+        match Pin::new(fired).poll(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => {
+                self.fired = None;
+                false
+            }
+            Poll::Pending => false,
+        }
     }
 }
 
@@ -336,6 +397,9 @@ impl AfterTasks {
 
     /// Resolves as soon as nothing is pending: every callback registered so far has ended.
     ///
+    /// Callbacks a shutdown wrote off (reported as cancelled because they did not stop in time,
+    /// such as one blocking inside its poll) count as pending until they actually end.
+    ///
     /// Unlike [`AfterTasks::shutdown`] it cancels nothing and leaves the layer as it was, so it
     /// can be awaited again and again. It is meant for platforms that freeze the process between
     /// invocations (AWS Lambda and other serverless runtimes): the adapter awaits `idle()` after
@@ -357,25 +421,6 @@ impl AfterTasks {
         self.shared.idle().await;
     }
 
-    /// Waits for every pending callback, then reports what happened to them.
-    ///
-    /// Callbacks registered while it waits (by a callback, a late [`wait_until`] future or a
-    /// request still finishing) are waited for too. If `grace` runs out first, everything still
-    /// pending is cancelled: running callbacks are dropped at their next `.await`, queued ones
-    /// never start, and each affected request logs a warning naming its method, path and count.
-    /// After that moment the layer cancels every further callback at once, since the process is
-    /// going away; a drain that ends within its grace leaves the layer working as before.
-    ///
-    /// Run it after `axum::serve(..).with_graceful_shutdown(..)` returns, when no request is in
-    /// flight. Callbacks queued behind a response that is still being sent when the grace runs out
-    /// are counted as cancelled and are dropped as soon as that response ends.
-    ///
-    /// # Cancel safety
-    ///
-    /// Dropping this future stops the waiting; it cancels nothing unless the grace period had
-    /// already run out.
-    ///
-    /// [`wait_until`]: crate::After::wait_until
     /// Waits for every pending callback, for at most `grace`, then reports what happened to them.
     ///
     /// Callbacks registered while it waits (by a callback, a late [`wait_until`] future or a
@@ -385,15 +430,18 @@ impl AfterTasks {
     /// From that moment the layer cancels every further callback at once, since the process is
     /// going away; a drain that ends within its grace leaves the layer working as before.
     ///
-    /// It returns within `grace` plus 50 ms (a moment for the cancelled callbacks to stop and log)
-    /// in every case:
-    /// also when a callback blocks inside its poll, waits for a place under the
-    /// [concurrency limit](crate::AfterLayer::concurrency_limit), or runs a
+    /// It returns within `grace` plus 50 ms (a moment for the cancelled callbacks to stop and
+    /// log): also when a callback blocks inside its poll (even on every worker thread), waits
+    /// for a place under the [concurrency limit](crate::AfterLayer::concurrency_limit), or runs a
     /// [`run_blocking`](crate::After::run_blocking) closure, and also when the runtime that runs
-    /// the callbacks is no longer driven. A callback it could not stop in time is counted as
-    /// cancelled even if it ends later, and never counts in another report: two drains, one after
-    /// the other or at the same time, never report the same callback twice (a second drain started
-    /// meanwhile waits for the first to end, within its own grace).
+    /// the callbacks is no longer driven. One case it cannot help: on a current-thread runtime, a
+    /// callback that blocks also blocks the thread that polls the shutdown, until it yields.
+    ///
+    /// A callback it could not stop in time is counted as cancelled even if it ends later, and
+    /// never counts in another report: two drains, one after the other or at the same time, never
+    /// report the same callback twice. A second drain started meanwhile waits for the first to
+    /// end, within its own grace; if that runs out first, it writes off what is still pending.
+    /// A written-off callback stays [pending](AfterTasks::pending) until it actually ends.
     ///
     /// Run it after `axum::serve(..).with_graceful_shutdown(..)` returns, when no request is in
     /// flight. It needs Tokio's time driver on the runtime that awaits it.
@@ -565,8 +613,8 @@ mod names {
 /// What [`AfterTasks::shutdown`] did: how many callbacks ended while it waited, and how many it
 /// had to cancel.
 ///
-/// Every callback pending when the drain started, or registered during it, is counted exactly
-/// once: `completed() + cancelled()` is their total.
+/// Every callback pending when the drain started, or registered during it, is counted at most
+/// once, in this report or in that of a drain running at the same time, never in both.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

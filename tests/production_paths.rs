@@ -210,3 +210,144 @@ async fn concurrent_shutdowns_never_count_a_callback_twice() {
         "short: {short:?}, long: {long:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn shutdown_keeps_its_grace_when_every_worker_is_blocked() {
+    // Tokio's timers are driven by its workers: with the only one blocked, only a deadline kept
+    // outside the runtime can end the wait.
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = started.clone();
+    serve(&layer, move |after| {
+        after.run(async move {
+            flag.store(true, Ordering::SeqCst);
+            std::thread::sleep(BLOCKED);
+        });
+    })
+    .await;
+    // Not a Tokio timer: the worker is about to be blocked.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !started.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the callback never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let begun = Instant::now();
+    let report = tasks.shutdown(GRACE).await;
+    let took = begun.elapsed();
+    assert!(took < GRACE + MARGIN, "shutdown took {took:?}");
+    assert_eq!((report.completed(), report.cancelled()), (0, 1));
+}
+
+/// How each response ended, and its body bytes, as an `on_response` hook saw them.
+type Endings = Arc<Mutex<Vec<(Completion, u64)>>>;
+
+/// `layer`, with an `on_response` hook that records how each response ended.
+fn recording(layer: AfterLayer) -> (AfterLayer, Endings) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let layer = layer.on_response(move |ctx| {
+        let log = log.clone();
+        async move {
+            let outcome = ctx.outcome();
+            log.lock()
+                .unwrap()
+                .push((outcome.completion(), outcome.body_bytes()));
+        }
+    });
+    (layer, seen)
+}
+
+#[tokio::test]
+async fn a_streamed_body_with_a_content_length_is_complete_over_http1() {
+    // As tower-http's `ServeFile` answers: a stream, and its length in a header. hyper stops
+    // polling once that many bytes are out, and drops the body.
+    let (layer, seen) = recording(AfterLayer::new());
+    let tasks = layer.tasks();
+    let app = axum::Router::new()
+        .route(
+            "/file",
+            axum::routing::get(|| async {
+                let chunks = futures_util::stream::iter([
+                    Ok::<_, Infallible>(Bytes::from_static(b"123")),
+                    Ok(Bytes::from_static(b"45")),
+                ]);
+                (
+                    [(http::header::CONTENT_LENGTH, "5")],
+                    axum::body::Body::from_stream(chunks),
+                )
+            }),
+        )
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let response = client
+        .get(format!("http://{address}/file").parse().unwrap())
+        .await
+        .unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"12345");
+    wait_idle(&tasks).await;
+    assert_eq!(*seen.lock().unwrap(), [(Completion::Complete, 5)]);
+}
+
+/// A response body with a bug: it panics when polled.
+struct PanickingBody;
+
+impl http_body::Body for PanickingBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        panic!("bug in a streaming body")
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_body_is_a_body_error_not_a_client_that_left() {
+    let (layer, seen) = recording(AfterLayer::new());
+    let tasks = layer.tasks();
+    let service = layer.layer(tower::service_fn(|_: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(PanickingBody))
+    }));
+    let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+    let read = tokio::spawn(async move { body.collect().await }).await;
+    assert!(read.unwrap_err().is_panic());
+    wait_idle(&tasks).await;
+    assert_eq!(*seen.lock().unwrap(), [(Completion::BodyError, 0)]);
+}
+
+/// A panic payload whose own `Drop` panics.
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("the payload's drop");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_panic_whose_payload_panics_on_drop_is_one_panicked_callback() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    serve(&layer, |after| {
+        after.run(async { std::panic::panic_any(PanicsWhenDropped) });
+        // Its sibling must not pay for it.
+        after.run(tokio::task::yield_now());
+    })
+    .await;
+    wait_idle(&tasks).await;
+    let stats = tasks.stats();
+    assert_eq!(
+        (stats.panicked(), stats.completed(), stats.cancelled()),
+        (1, 1, 0)
+    );
+}
