@@ -37,7 +37,7 @@ use crate::callback::{BoxCallback, Callbacks, Job, Running, Stop, WithContext};
 use crate::context::Finished;
 use crate::scope::{Next, Scope, Start};
 use crate::tasks::{Ended, Shared};
-use crate::{AfterContext, Completion, Outcome, RequestSnapshot};
+use crate::{AfterContext, Completion, Outcome, Overloaded, RequestSnapshot};
 
 tokio::task_local! {
     /// The request whose response future, or callbacks, are being polled: for `After::current`.
@@ -53,6 +53,8 @@ pub(crate) struct Config {
     pub(crate) limit_size: Option<usize>,
     /// Work for after every response: `AfterLayer::on_response`.
     pub(crate) on_response: Option<OnResponse>,
+    /// How many callbacks the layer holds at most: `AfterLayer::max_pending`.
+    pub(crate) max_pending: usize,
 }
 
 /// The hook of `AfterLayer::on_response`, type-erased so that the layer's type stays the same.
@@ -69,6 +71,7 @@ pub(crate) struct Inflight {
     end: OnceLock<End>,
     shared: Arc<Shared>,
     limit: Option<Arc<Semaphore>>,
+    max_pending: usize,
     scope: Scope<Job>,
 }
 
@@ -94,13 +97,15 @@ impl Inflight {
             end: OnceLock::new(),
             shared: shared.clone(),
             limit: config.limit.clone(),
+            max_pending: config.max_pending,
             scope: Scope::new(),
         });
         inflight.set_budget(config.max_duration);
         if let Some(hook) = &config.on_response {
             let hook = hook.clone();
             let callback = Box::pin(WithContext::new(move |ctx| hook(ctx)));
-            inflight.register(callback, None, Start::AfterResponse);
+            // Refused under overload, like any callback: counted and logged.
+            let _ = inflight.register(callback, None, Start::AfterResponse);
         }
         inflight
     }
@@ -110,19 +115,40 @@ impl Inflight {
         self.budget.store(nanos, Ordering::Relaxed);
     }
 
+    /// Registers `callback`, or refuses it when the layer holds its maximum of pending
+    /// callbacks (`AfterLayer::max_pending`).
     pub(crate) fn register(
         self: &Arc<Self>,
         callback: BoxCallback,
         name: Option<Cow<'static, str>>,
         start: Start,
-    ) {
+    ) -> Result<(), Overloaded> {
+        let ticket = match self.shared.ticket(self.max_pending) {
+            Ok(ticket) => ticket,
+            Err(shed) => {
+                if let Some(refused) = shed.warn {
+                    tracing::warn!(
+                        method = %self.snapshot.method(),
+                        path = self.snapshot.path(),
+                        name = name.as_deref(),
+                        refused,
+                        "after callback refused: the layer holds its maximum of {} pending \
+                         callbacks (raise `AfterLayer::max_pending`, or lower the load or the \
+                         callbacks' max duration)",
+                        self.max_pending
+                    );
+                }
+                return Err(Overloaded::new(self.max_pending));
+            }
+        };
         let span = callback_span(&self.snapshot, name.as_deref());
-        let job = Job::new(callback, span, name, self.shared.ticket());
+        let job = Job::new(callback, span, name, ticket);
         let (next, replaced) = self.scope.register(job, start);
         self.act(next);
         if let Some(replaced) = replaced {
             replaced.end(Ended::Forgotten, &self.snapshot);
         }
+        Ok(())
     }
 
     pub(crate) fn forget(&self, name: &str) -> bool {
@@ -1056,6 +1082,64 @@ mod tests {
         // The runtime dropped the waiting driver while the panic unwound.
         assert_eq!(layer.tasks().pending(), 0);
         assert!(logs.lines_with("enable_time").is_empty(), "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn beyond_max_pending_new_work_is_refused_counted_and_logged() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_pending(2);
+        let tasks = layer.tasks();
+        let (release, released) = oneshot::channel::<()>();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let refusals = Arc::new(Mutex::new(Vec::new()));
+        let (count, refused) = (ran.clone(), refusals.clone());
+        serve(&layer, move |after| {
+            let first = count.clone();
+            after.run(async move {
+                released.await.unwrap();
+                first.fetch_add(1, Ordering::SeqCst);
+            });
+            let second = count.clone();
+            after.run(async move {
+                second.fetch_add(1, Ordering::SeqCst);
+            });
+            // The layer holds two: these are refused, the oldest are kept.
+            after.run(async { unreachable!("refused work never runs") });
+            let refusal = after.try_run_with(|_| async { unreachable!("refused") });
+            refused.lock().unwrap().push(refusal);
+        })
+        .await;
+        let refusal = refusals.lock().unwrap()[0];
+        let error = refusal.unwrap_err();
+        assert_eq!(error.max_pending(), 2);
+        assert!(
+            error.to_string().contains("AfterLayer::max_pending"),
+            "{error}"
+        );
+        eventually("the quick callback", || ran.load(Ordering::SeqCst) == 1).await;
+        release.send(()).unwrap();
+        drained(&tasks).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.scheduled(), stats.completed(), stats.shed()),
+            (4, 2, 2)
+        );
+        // One warning for the burst, naming the route and the count so far.
+        let warnings = logs.lines_with("after callback refused");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("WARN") && warnings[0].contains("path=\"/orders/7\""));
+        assert!(warnings[0].contains("refused=1"), "{warnings:?}");
+
+        // Room again: work is accepted.
+        let accepted = Arc::new(AtomicBool::new(false));
+        let flag = accepted.clone();
+        serve(&layer, move |after| {
+            after.run(async move { flag.store(true, Ordering::SeqCst) });
+        })
+        .await;
+        drained(&tasks).await;
+        assert!(accepted.load(Ordering::SeqCst));
     }
 
     #[tokio::test]

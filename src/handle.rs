@@ -268,8 +268,37 @@ impl After {
         self.register(Box::pin(Plain::new(future)), None, Start::Now);
     }
 
+    /// Like [`After::run_with`], and says whether the work was accepted: under overload, when
+    /// the layer already holds its [maximum of pending
+    /// callbacks](crate::AfterLayer::max_pending), it is refused (and dropped) rather than
+    /// queued. Every other way of registering work is refused the same way, counted in
+    /// [`AfterStats::shed`](crate::AfterStats::shed) and logged, without telling the caller.
+    ///
+    /// ```
+    /// # async fn example(later: tower_after::After) -> Result<&'static str, &'static str> {
+    /// if later.try_run_with(|ctx| async move { /* send the receipt */ }).is_err() {
+    ///     // Overloaded: do it now, or answer 503.
+    ///     return Err("busy, try again");
+    /// }
+    /// # Ok("ok")
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Overloaded`] when the layer holds its maximum of pending callbacks.
+    pub fn try_run_with<C, F>(&self, callback: C) -> Result<(), Overloaded>
+    where
+        C: FnOnce(AfterContext) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let callback = Box::pin(WithContext::new(callback));
+        self.inflight.register(callback, None, Start::AfterResponse)
+    }
+
     fn register(&self, callback: BoxCallback, name: Option<Cow<'static, str>>, start: Start) {
-        self.inflight.register(callback, name, start);
+        // Refused under overload: counted and logged; `try_run_with` tells its caller.
+        let _ = self.inflight.register(callback, name, start);
     }
 }
 
@@ -342,6 +371,44 @@ pub fn try_after<F: AfterWork>(future: F) -> bool {
 pub trait AfterWork: Future<Output = ()> + Send + 'static {}
 
 impl<F: Future<Output = ()> + Send + 'static> AfterWork for F {}
+
+/// Why [`After::try_run_with`] refused work: the layer already holds its
+/// [maximum of pending callbacks](crate::AfterLayer::max_pending).
+///
+/// ```
+/// # fn example(error: tower_after::Overloaded) {
+/// eprintln!("{error}"); // names the limit and `AfterLayer::max_pending`
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded {
+    max_pending: usize,
+}
+
+impl Overloaded {
+    pub(crate) fn new(max_pending: usize) -> Self {
+        Self { max_pending }
+    }
+
+    /// The layer's maximum of pending callbacks, which was reached.
+    #[must_use]
+    pub fn max_pending(&self) -> usize {
+        self.max_pending
+    }
+}
+
+impl fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "after-response work refused: the layer holds its maximum of {} pending callbacks \
+             (raise it with `AfterLayer::max_pending`)",
+            self.max_pending
+        )
+    }
+}
+
+impl std::error::Error for Overloaded {}
 
 impl fmt::Debug for After {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -58,6 +58,10 @@ impl AfterLayer {
     /// [`MaxDuration`] says otherwise: 60 seconds, counted from the end of the response.
     pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(60);
 
+    /// How many callbacks a layer holds at most unless [`AfterLayer::max_pending`] says
+    /// otherwise: 10,000. See there for why, and what it costs in memory.
+    pub const DEFAULT_MAX_PENDING: usize = 10_000;
+
     /// A layer with the default budget of [`AfterLayer::DEFAULT_MAX_DURATION`].
     #[must_use]
     pub fn new() -> Self {
@@ -68,6 +72,7 @@ impl AfterLayer {
                 limit: None,
                 limit_size: None,
                 on_response: None,
+                max_pending: Self::DEFAULT_MAX_PENDING,
             },
         }
     }
@@ -101,9 +106,9 @@ impl AfterLayer {
     ///
     /// Use it to bound the load that callbacks put on what they call (a database, an API). It
     /// bounds how many callbacks *run*, not how many *wait*: under sustained overload the waiting
-    /// ones accumulate, each holding its request's snapshot, until their budget runs out, so pair
-    /// it with a [`max_duration`](AfterLayer::max_duration) that matches how long waiting is
-    /// still useful.
+    /// ones accumulate, each holding its request's snapshot, until their budget runs out or the
+    /// layer's [`max_pending`](AfterLayer::max_pending) refuses more. Pair it with a
+    /// [`max_duration`](AfterLayer::max_duration) that matches how long waiting is still useful.
     ///
     /// ```
     /// let layer = tower_after::AfterLayer::new().concurrency_limit(64);
@@ -160,6 +165,30 @@ impl AfterLayer {
         self
     }
 
+    /// Sets how many callbacks this layer (and its clones) holds at most: waiting for their
+    /// response to end, waiting for a place under the [concurrency
+    /// limit](AfterLayer::concurrency_limit), or running. Beyond it, new work is refused and
+    /// dropped (the oldest is kept): counted in [`AfterStats::shed`](crate::AfterStats::shed),
+    /// logged at `WARN` at most once a second with the route and the count, and reported to
+    /// [`After::try_run_with`] callers.
+    ///
+    /// Callbacks live in memory: a burst of requests whose callbacks wait (for a slow database,
+    /// for a place under the limit) must not grow the server until the kernel kills it. The
+    /// default of [`DEFAULT_MAX_PENDING`](AfterLayer::DEFAULT_MAX_PENDING) (10,000) bounds
+    /// that memory to a few tens of MiB (a pending callback holds its request's snapshot, its own
+    /// future and about a kilobyte of bookkeeping; see `BENCHMARKS.md`), while no server that
+    /// drains its callbacks as fast as it takes requests comes near it. `usize::MAX` means no
+    /// bound.
+    ///
+    /// ```
+    /// let layer = tower_after::AfterLayer::new().concurrency_limit(64).max_pending(50_000);
+    /// ```
+    #[must_use]
+    pub fn max_pending(mut self, max_pending: usize) -> Self {
+        self.config.max_pending = max_pending;
+        self
+    }
+
     /// A handle on the callbacks of this layer and all its clones, to count them and to drain
     /// them at shutdown.
     ///
@@ -194,6 +223,7 @@ impl fmt::Debug for AfterLayer {
             .field("max_duration", &self.config.max_duration)
             .field("concurrency_limit", &self.config.limit_size)
             .field("on_response", &self.config.on_response.is_some())
+            .field("max_pending", &self.config.max_pending)
             .field("tasks", &self.tasks())
             .finish()
     }

@@ -290,7 +290,7 @@ pub use context::{AfterContext, Completion, Outcome};
 #[cfg(feature = "axum")]
 pub use extract::MissingAfterLayer;
 pub use future::ResponseFuture;
-pub use handle::{after, try_after, After, AfterWork};
+pub use handle::{after, try_after, After, AfterWork, Overloaded};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
 pub use service::AfterService;
 pub use snapshot::RequestSnapshot;

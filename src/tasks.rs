@@ -86,6 +86,16 @@ struct Ledger {
     /// Callers waiting in `idle()`: reaching zero wakes them, and costs nothing when there are
     /// none.
     idle_waiters: usize,
+    /// Callbacks refused since the last warning about it, and when that was.
+    shed_unreported: u64,
+    last_shed_warning: Option<std::time::Instant>,
+}
+
+/// A callback refused because the layer held its maximum of pending callbacks.
+#[derive(Debug)]
+pub(crate) struct Shed {
+    /// `Some(refused since the last warning)` when a warning is due now.
+    pub(crate) warn: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -122,20 +132,37 @@ impl Shared {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts a newly registered callback, until its ticket ends.
-    pub(crate) fn ticket(self: &Arc<Self>) -> Ticket {
+    /// Counts a newly registered callback, until its ticket ends. When the layer already holds
+    /// `bound` pending callbacks, the callback is refused and counted as shed instead.
+    pub(crate) fn ticket(self: &Arc<Self>, bound: usize) -> Result<Ticket, Shed> {
         let mut ledger = self.ledger();
-        ledger.pending += 1;
         ledger.totals.scheduled += 1;
-        let epoch = Epoch(ledger.epoch);
-        drop(ledger);
         #[cfg(feature = "metrics")]
         metrics::counter!(names::SCHEDULED).increment(1);
-        Ticket {
+        if ledger.pending + ledger.written_off >= bound {
+            ledger.totals.shed += 1;
+            ledger.shed_unreported += 1;
+            #[cfg(feature = "metrics")]
+            metrics::counter!(names::SHED).increment(1);
+            // One warning a second at most, counting the refusals since the last one.
+            let now = std::time::Instant::now();
+            let due = ledger
+                .last_shed_warning
+                .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1));
+            let warn = due.then(|| {
+                ledger.last_shed_warning = Some(now);
+                std::mem::take(&mut ledger.shed_unreported)
+            });
+            return Err(Shed { warn });
+        }
+        ledger.pending += 1;
+        let epoch = Epoch(ledger.epoch);
+        drop(ledger);
+        Ok(Ticket {
             shared: self.clone(),
             epoch,
             open: true,
-        }
+        })
     }
 
     /// Accounts for the end of a callback registered in `epoch`.
@@ -202,7 +229,7 @@ impl Shared {
         ledger.pending + ledger.written_off
     }
 
-    fn stats(&self) -> AfterStats {
+    pub(crate) fn stats(&self) -> AfterStats {
         AfterStats {
             running: self.running.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
@@ -500,8 +527,8 @@ impl fmt::Debug for AfterTasks {
 ///
 /// The totals only grow. Every callback scheduled is, at any moment, either pending (see
 /// [`AfterTasks::pending`]: queued behind its response, waiting for a concurrency permit, or
-/// running) or counted in exactly one of `completed`, `panicked`, `timed_out`, `cancelled` and
-/// `forgotten`.
+/// running) or counted in exactly one of `completed`, `panicked`, `timed_out`, `cancelled`,
+/// `forgotten` and `shed`.
 ///
 /// With the `metrics` feature, the same numbers are published through the [`metrics`] facade:
 ///
@@ -513,6 +540,7 @@ impl fmt::Debug for AfterTasks {
 /// | `tower_after_callbacks_timed_out_total` | counter |
 /// | `tower_after_callbacks_cancelled_total` | counter |
 /// | `tower_after_callbacks_forgotten_total` | counter |
+/// | `tower_after_callbacks_shed_total` | counter |
 /// | `tower_after_callbacks_running` | gauge |
 /// | `tower_after_callbacks_queued` | gauge |
 ///
@@ -522,7 +550,7 @@ impl fmt::Debug for AfterTasks {
 /// let tasks = tower_after::AfterLayer::new().tasks();
 /// let stats = tasks.stats();
 /// let ended = stats.completed() + stats.panicked() + stats.timed_out() + stats.cancelled()
-///     + stats.forgotten();
+///     + stats.forgotten() + stats.shed();
 /// assert_eq!(stats.scheduled(), ended + tasks.pending() as u64);
 /// println!("{} running, {} waiting for a place", stats.running(), stats.queued());
 /// ```
@@ -534,6 +562,7 @@ pub struct AfterStats {
     timed_out: u64,
     cancelled: u64,
     forgotten: u64,
+    shed: u64,
     running: u64,
     queued: u64,
 }
@@ -578,6 +607,14 @@ impl AfterStats {
         self.forgotten
     }
 
+    /// Callbacks refused when registered, because the layer already held its
+    /// [maximum of pending callbacks](crate::AfterLayer::max_pending). They never ran; each
+    /// refusal is also logged (a `WARN` a second at most, with the count).
+    #[must_use]
+    pub fn shed(&self) -> u64 {
+        self.shed
+    }
+
     /// Callbacks running now.
     #[must_use]
     pub fn running(&self) -> u64 {
@@ -596,6 +633,7 @@ mod names {
     use super::Ended;
 
     pub(super) const SCHEDULED: &str = "tower_after_callbacks_scheduled_total";
+    pub(super) const SHED: &str = "tower_after_callbacks_shed_total";
     pub(super) const RUNNING: &str = "tower_after_callbacks_running";
     pub(super) const QUEUED: &str = "tower_after_callbacks_queued";
 
