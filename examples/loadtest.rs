@@ -150,6 +150,8 @@ fn main() {
 struct Probe {
     /// Callbacks (or spawned tasks) that ran.
     ran: AtomicU64,
+    /// The layer's callbacks, where the variant has one worth counting.
+    tasks: std::sync::OnceLock<tower_after::AfterTasks>,
     /// Wait from the end of the response to the start of the callback, by microsecond bucket.
     delays: DelayHistogram,
 }
@@ -213,12 +215,25 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
         "Hello, World!"
     }
     async fn stats(State(probe): State<Arc<Probe>>) -> String {
+        let tasks = probe.tasks.get().map(|tasks| {
+            let stats = tasks.stats();
+            format!(
+                "scheduled {}\ncompleted {}\ntimed_out {}\ncancelled {}\nshed {}\npending {}\n",
+                stats.scheduled(),
+                stats.completed(),
+                stats.timed_out(),
+                stats.cancelled(),
+                stats.shed(),
+                tasks.pending()
+            )
+        });
         format!(
-            "ran {}\npeak_rss_kib {}\ncpu_ticks {}\n{}",
+            "ran {}\npeak_rss_kib {}\ncpu_ticks {}\n{}{}",
             probe.ran.load(Ordering::Relaxed),
             peak_rss_kib(),
             cpu_ticks(),
-            probe.delays.render()
+            probe.delays.render(),
+            tasks.unwrap_or_default()
         )
     }
     async fn after_callback(State(probe): State<Arc<Probe>>, later: After) -> &'static str {
@@ -299,7 +314,9 @@ fn app(variant: &str, probe: Arc<Probe>) -> Router {
         "after-sleep" => route(get(after_sleep)).layer(AfterLayer::new()),
         "spawn-sleep" => route(get(spawn_sleep)),
         "after-sleep-limit" => {
-            route(get(after_sleep)).layer(AfterLayer::new().concurrency_limit(64))
+            let layer = AfterLayer::new().concurrency_limit(64);
+            let _ = probe.tasks.set(layer.tasks());
+            route(get(after_sleep)).layer(layer)
         }
         other => panic!("unknown variant {other:?}"),
     };
@@ -669,6 +686,68 @@ fn orchestrate(args: &[String]) {
             delay_phase(saturating / 2.0, options.seconds.max(5));
         }
     }
+    if options
+        .only
+        .as_ref()
+        .is_none_or(|only| only.iter().any(|o| o == "overload"))
+    {
+        overload_phase();
+    }
+}
+
+/// 50 ms callbacks under `concurrency_limit(64)` at full load for 8 s: far more arrive than
+/// run, and what waits must stay bounded (`AfterLayer::max_pending`, 10,000 by default).
+/// Reports peak memory against the no-callback variant under the same load, throughput against
+/// the one-sleeping-callback variant without a limit, and the accounting once all has ended.
+fn overload_phase() {
+    let peak = |server: &Server| -> f64 {
+        let stats = server.stats();
+        stats
+            .get("peak_rss_kib")
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    let baseline = Server::start("after");
+    let (baseline_rate, ..) = wrk(baseline.address, 8);
+    let baseline_rss = peak(&baseline);
+    drop(baseline);
+    let unlimited = Server::start("after-sleep");
+    let (unlimited_rate, ..) = wrk(unlimited.address, 8);
+    drop(unlimited);
+
+    let server = Server::start("after-sleep-limit");
+    let (rate, _, p99_ms, _) = wrk(server.address, 8);
+    let overloaded_rss = peak(&server);
+    // Let what was accepted drain: 10,000 callbacks of 50 ms, 64 at a time, take about 8 s.
+    let mut stats = server.stats();
+    for _ in 0..600 {
+        if stats.get("pending").map(String::as_str) == Some("0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        stats = server.stats();
+    }
+    let count = |key: &str| -> u64 { stats.get(key).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    let (scheduled, completed, shed) = (count("scheduled"), count("completed"), count("shed"));
+    let (cancelled, timed_out, pending) =
+        (count("cancelled"), count("timed_out"), count("pending"));
+    println!(
+        "\nOverload, 8 s at full load, 50 ms callbacks, limit 64: {rate:.0} req/s (p99 {p99_ms:.1} ms) \
+         vs {unlimited_rate:.0} without the limit and {baseline_rate:.0} without callbacks; \
+         peak RSS {overloaded_rss:.1} MiB vs {baseline_rss:.1} MiB without callbacks \
+         (+{:.1} MiB; bound: +64 MiB)",
+        overloaded_rss - baseline_rss
+    );
+    println!(
+        "scheduled {scheduled} = completed {completed} + shed {shed} + cancelled {cancelled} \
+         + timed out {timed_out} + pending {pending}: {}",
+        if scheduled == completed + shed + cancelled + timed_out + pending {
+            "holds"
+        } else {
+            "DOES NOT HOLD"
+        }
+    );
 }
 
 /// Drives the one-callback variant at `rate` and reports the callback start delay.

@@ -99,7 +99,9 @@ impl AfterLayer {
     /// Lets at most `limit` callbacks run at once, across all requests of this layer and of the
     /// clones made from it afterwards. Without it, nothing waits.
     ///
-    /// Callbacks beyond the limit wait in the order they were registered. A waiting callback is
+    /// Callbacks beyond the limit wait in the order they reach it: a request's in the order they
+    /// were registered, requests in the order their responses finished (on the multi-thread
+    /// runtime, give or take Tokio starting a just-spawned task before an older one). A waiting callback is
     /// pending and counted as queued in [`AfterTasks::stats`]; it still belongs to its request's
     /// budget (cancelled, without running, if that runs out first) and to the shutdown drain.
     /// `wait_until` futures count too, once they start.
