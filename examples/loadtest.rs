@@ -594,7 +594,7 @@ fn orchestrate(args: &[String]) {
     );
 
     let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
-    for round in 0..options.rounds {
+    for round in (0..options.rounds).filter(|_| !variants.is_empty()) {
         // Rotate the order, so that no variant always runs first or last.
         let mut order = variants.clone();
         order.rotate_left(round % variants.len());

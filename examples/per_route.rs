@@ -18,8 +18,9 @@
 //! out, what still runs is dropped and the log says so:
 //!
 //! ```not_rust
-//! WARN after callbacks cancelled: the request's max duration ran out (raise it with
-//! `MaxDuration` on the route or `AfterLayer::max_duration`) method=GET path="/overrun" cancelled=1
+//! WARN after{method=GET path="/overrun"}: tower_after::callback: after callback cancelled:
+//! the request's max duration of 3s ran out (raise it with `MaxDuration` on the route or
+//! `AfterLayer::max_duration`) method=GET path="/overrun"
 //! ```
 
 use std::time::Duration;
