@@ -124,8 +124,8 @@ fn main() {
         async fn hello() -> &'static str {
             "hello"
         }
-        async fn one_callback(after: After) -> &'static str {
-            after.run(async {});
+        async fn one_callback(later: After) -> &'static str {
+            later.run(async {});
             "hello"
         }
         let bare = per_request(Router::new().route("/", get(hello))).await;
@@ -139,6 +139,15 @@ fn main() {
             tower_http::trace::TraceLayer::new_for_http().on_eos(
                 |_: Option<&http::HeaderMap>, latency: std::time::Duration, _: &tracing::Span| {
                     std::hint::black_box(latency);
+                },
+            ),
+        ))
+        .await;
+        // What a user would write instead: that hook spawning the work.
+        let eos_spawn = per_request(Router::new().route("/", get(hello)).layer(
+            tower_http::trace::TraceLayer::new_for_http().on_eos(
+                |_: Option<&http::HeaderMap>, _: std::time::Duration, _: &tracing::Span| {
+                    tokio::spawn(async {});
                 },
             ),
         ))
@@ -162,6 +171,7 @@ fn main() {
             ("a no-op layer", noop),
             ("TraceLayer with on_eos", trace),
             ("AfterLayer, no callback", layered),
+            ("on_eos spawning the work", eos_spawn),
             ("AfterLayer, one callback", callback),
         ] {
             println!("{name:<28} {blocks:>8.2} {bytes:>8.0}");
@@ -175,6 +185,12 @@ fn main() {
             "Beyond a no-op layer: no callback {:+.2} blocks, one callback {:+.2} blocks",
             layered.0 - noop.0,
             callback.0 - noop.0
+        );
+        println!(
+            "Against the floor: no callback {:+.2} blocks beyond TraceLayer, one callback {:+.2} \
+             blocks beyond on_eos spawning the work",
+            layered.0 - trace.0,
+            callback.0 - eos_spawn.0
         );
 
         let (held, own) = held_per_pending(|gate: Arc<Semaphore>| async move {
