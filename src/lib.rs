@@ -144,6 +144,28 @@
 //! );
 //! ```
 //!
+//! `Router::layer` has a cost: axum boxes the route's future and body once more for every layer
+//! added that way. Around the whole router, `AfterLayer` avoids it and costs about what
+//! tower-http's `TraceLayer` with an `on_eos` hook costs (see `BENCHMARKS.md`); `axum::serve`
+//! then wants the body as axum's `Body`:
+//!
+//! ```no_run
+//! use axum::{extract::Request, routing::get, Router, ServiceExt};
+//! use tower::ServiceBuilder;
+//! use tower_after::AfterLayer;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> std::io::Result<()> {
+//! let router = Router::new().route("/", get(|| async { "hi" }));
+//! let app = ServiceBuilder::new()
+//!     .map_response(|response: http::Response<_>| response.map(axum::body::Body::new))
+//!     .layer(AfterLayer::new())
+//!     .service(router);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, ServiceExt::<Request>::into_make_service(app)).await
+//! # }
+//! ```
+//!
 //! Relative to tower-http's layers:
 //! - `CatchPanicLayer` **inside** `AfterLayer`: callbacks see the `500` it makes. Outside, a
 //!   panicking handler is seen as [`Completion::Failed`] with no status.
