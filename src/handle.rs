@@ -364,7 +364,8 @@ pub fn try_after<F: AfterWork>(future: F) -> bool {
     message = "`{Self}` is not a future that `After::run` can run",
     label = "expected a future, such as `async move {{ .. }}`",
     note = "for a closure that receives the request's context, as Next.js's `after(() => ..)`, \
-            use `After::run_with(|ctx| async move {{ .. }})`",
+            use `After::run_with(|ctx| async move {{ .. }})`, or in a helper without the handle \
+            `After::current().run_with(..)`",
     note = "the work must be a future that returns `()`, is `Send` and owns what it uses \
             (`async move`)"
 )]

@@ -155,7 +155,8 @@ impl AfterLayer {
     /// let layer = AfterLayer::new().on_response(audit);
     /// ```
     ///
-    /// Calling it again replaces the hook. Each request then costs one more small allocation and
+    /// The hook is registered first, so it starts before the request's other callbacks. Calling
+    /// `on_response` again replaces the hook. Each request then costs one more small allocation and
     /// a callback start, measured in `BENCHMARKS.md`.
     #[must_use]
     pub fn on_response<C, F>(mut self, hook: C) -> Self
@@ -249,6 +250,9 @@ impl fmt::Debug for AfterLayer {
 /// ```
 ///
 /// The innermost `MaxDuration` a request passes wins. Outside `AfterLayer` it has no effect.
+///
+/// Unlike Next.js's `maxDuration`, it bounds only the work *after* the response, not the
+/// request's own handling: for that, put a `TimeoutLayer` on the route.
 #[derive(Debug, Clone, Copy)]
 pub struct MaxDuration {
     max_duration: Duration,

@@ -221,8 +221,13 @@
 //!
 //! The crate logs under the target `tower_after`: a `WARN` for each callback cancelled by its
 //! budget or a shutdown, an `ERROR` for each that panicked, both inside the callback's span and
-//! naming the request. A filter such as `RUST_LOG=myapp=info` hides them: add
-//! `tower_after=warn`.
+//! naming the request; it logs nothing at `INFO`. A filter such as `RUST_LOG=myapp=info` hides
+//! both those lines and the `after` spans: add `tower_after=info`, which keeps the spans (so your
+//! callbacks' own lines say which request they belong to) and adds no lines of its own.
+//!
+//! To tell two requests to the same path apart in callback logs, give requests an id and put
+//! tower-http's `SetRequestIdLayer` *outside* `AfterLayer`, so that the id is in the snapshot:
+//! `ctx.request().header("x-request-id")`.
 //!
 //! # Feature flags
 //!

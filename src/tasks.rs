@@ -674,7 +674,8 @@ pub struct ShutdownReport {
 }
 
 impl ShutdownReport {
-    /// Callbacks that ended by themselves during the drain (including any that panicked).
+    /// Callbacks that ended by themselves during the drain (including any that panicked: to
+    /// tell them apart, compare [`AfterTasks::stats`] before and after the drain).
     #[must_use]
     pub fn completed(&self) -> usize {
         self.completed
