@@ -162,7 +162,10 @@ impl World {
         let waker = Waker::from(std::sync::Arc::new(Unpark(unpark.clone())));
         let mut taken_count = 0;
         loop {
-            let taken = self.scope.take(&waker, false).expect("a busy driver never retires");
+            let taken = self
+                .scope
+                .take(&waker, false)
+                .expect("a busy driver never retires");
             for job in taken {
                 self.ran.lock().unwrap().push(job.id);
                 taken_count += 1;
