@@ -199,6 +199,7 @@
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 mod callback;
@@ -208,6 +209,11 @@ mod driver;
 mod extract;
 mod future;
 mod handle;
+#[cfg(feature = "lambda")]
+mod hold;
+#[cfg(feature = "lambda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+pub mod lambda;
 mod layer;
 mod scope;
 mod service;

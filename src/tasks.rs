@@ -293,6 +293,11 @@ impl AfterTasks {
         Self { shared }
     }
 
+    #[cfg(feature = "lambda")]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The number of callbacks and [`wait_until`](crate::After::wait_until) futures registered
     /// and not yet ended: queued behind a response that is still being sent, or running.
     #[must_use]
@@ -489,7 +494,8 @@ impl AfterStats {
     }
 
     /// Callbacks cancelled because their request's max duration ran out, whether they had
-    /// started or were still waiting.
+    /// started or were still waiting; on AWS Lambda, also those cancelled because their
+    /// invocation's deadline was near (`lambda::DrainLayer`, feature `lambda`).
     #[must_use]
     pub fn timed_out(&self) -> u64 {
         self.timed_out
