@@ -321,10 +321,9 @@ impl AfterTasks {
     /// Resolves as soon as nothing is pending: every callback registered so far has ended.
     ///
     /// Unlike [`AfterTasks::shutdown`] it cancels nothing and leaves the layer as it was, so it
-    /// can be awaited again and again. It is meant for platforms that freeze the process between
-    /// invocations (AWS Lambda and other serverless runtimes): the adapter awaits `idle()` after
-    /// each response, before it lets the invocation end, the way Vercel's `waitUntil` extends one.
-    /// See the crate documentation for the shape of such an adapter.
+    /// can be awaited again and again: in tests, or before a process that is about to be frozen
+    /// lets it happen. On AWS Lambda, `lambda::DrainLayer` (feature `lambda`) does better: it
+    /// waits for each invocation's own work only, within the invocation's deadline.
     ///
     /// # Cancel safety
     ///
