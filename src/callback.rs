@@ -140,6 +140,10 @@ pub(crate) enum Stop {
     Budget(Duration),
     /// A shutdown's grace period ran out.
     Shutdown,
+    /// The invocation that served the request is about to run out of time
+    /// (`lambda::DrainLayer`).
+    #[cfg(feature = "lambda")]
+    Invocation,
 }
 
 impl Stop {
@@ -147,6 +151,8 @@ impl Stop {
         match self {
             Self::Budget(_) => Ended::TimedOut,
             Self::Shutdown => Ended::Cancelled,
+            #[cfg(feature = "lambda")]
+            Self::Invocation => Ended::TimedOut,
         }
     }
 }
@@ -160,6 +166,11 @@ impl fmt::Display for Stop {
                  on the route or `AfterLayer::max_duration`)"
             ),
             Self::Shutdown => f.write_str("the shutdown grace period ran out"),
+            #[cfg(feature = "lambda")]
+            Self::Invocation => f.write_str(
+                "the Lambda invocation's deadline is near (raise the function's timeout, or \
+                 lower the route's `MaxDuration`)",
+            ),
         }
     }
 }

@@ -12,7 +12,10 @@
 //! line, a counter) never touch a timer.
 //!
 //! Nothing here runs user code while holding a lock, and nothing runs it inside the response's
-//! `poll` or `Drop`: finishing a response only hands its work to a driver.
+//! `poll` or `Drop`: finishing a response only hands its work to a driver. On AWS Lambda
+//! (`lambda::DrainLayer`), a request served within an invocation hands it over only once the
+//! invocation's response is posted, and its drivers count themselves in the invocation, which
+//! waits for them (`hold.rs`).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -30,11 +33,13 @@ use tokio::sync::Semaphore;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::Span;
 
 use crate::callback::{BoxCallback, Callbacks, Job, Running, Stop, WithContext};
 use crate::context::Finished;
+#[cfg(feature = "lambda")]
+use crate::hold::Invocation;
 use crate::scope::{Next, Scope, Start};
 use crate::tasks::{Ended, Shared};
 use crate::{AfterContext, Completion, Outcome, Overloaded, RequestSnapshot};
@@ -73,6 +78,10 @@ pub(crate) struct Inflight {
     limit: Option<Arc<Semaphore>>,
     max_pending: usize,
     scope: Scope<Job>,
+    /// The invocation that served the request on a freezing platform (`lambda::DrainLayer`):
+    /// it holds the request's work back until its response is posted, and counts its drivers.
+    #[cfg(feature = "lambda")]
+    invocation: Option<Arc<Invocation>>,
 }
 
 /// How and when the response finished.
@@ -99,6 +108,8 @@ impl Inflight {
             limit: config.limit.clone(),
             max_pending: config.max_pending,
             scope: Scope::new(),
+            #[cfg(feature = "lambda")]
+            invocation: Invocation::current(),
         });
         inflight.set_budget(config.max_duration);
         if let Some(hook) = &config.on_response {
@@ -192,6 +203,13 @@ impl Inflight {
             })
             .is_ok();
         debug_assert!(first, "a request finishes once");
+        #[cfg(feature = "lambda")]
+        if let Some(invocation) = &self.invocation {
+            // The response is finished but not posted yet: its work waits for the post.
+            let inflight = self.clone();
+            invocation.after_release(move || inflight.act(inflight.scope.finish()));
+            return;
+        }
         self.act(self.scope.finish());
     }
 
@@ -226,10 +244,34 @@ impl Inflight {
         AfterContext::new(self.clone())
     }
 
-    /// Why work must stop now, if it must: a shutdown's grace, or the budget, ran out.
+    /// Cancelled when the request's work must stop at once: by a shutdown whose grace ran out,
+    /// or when its invocation's time runs out.
+    fn stop_token(&self) -> &CancellationToken {
+        #[cfg(feature = "lambda")]
+        if let Some(invocation) = &self.invocation {
+            return invocation.stop_token();
+        }
+        self.shared.shutdown_token()
+    }
+
+    /// Why work must stop at once, if it must: a shutdown's grace, or its invocation's time,
+    /// ran out.
+    fn cancelled(&self) -> Option<Stop> {
+        if !self.stop_token().is_cancelled() {
+            return None;
+        }
+        #[cfg(feature = "lambda")]
+        if !self.shared.shutdown_token().is_cancelled() {
+            return Some(Stop::Invocation);
+        }
+        Some(Stop::Shutdown)
+    }
+
+    /// Why work must stop now, if it must: a shutdown's grace, its invocation's time, or the
+    /// budget, ran out.
     fn stopped(&self) -> Option<Stop> {
-        if self.shared.shutdown_token().is_cancelled() {
-            return Some(Stop::Shutdown);
+        if let Some(why) = self.cancelled() {
+            return Some(why);
         }
         let end = self.end.get()?;
         let deadline = end.deadline?;
@@ -281,9 +323,15 @@ pin_project! {
 
     impl PinnedDrop for Driver {
         fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Its invocation no longer waits for it: done, it runs nothing any more; dropped
+            // before, its callbacks are dropped with it.
+            #[cfg(feature = "lambda")]
+            if let Some(invocation) = &this.inflight.invocation {
+                invocation.leave();
+            }
             // Dropped before its work was done: the runtime is shutting down. Running callbacks
             // count themselves as cancelled when dropped; work not taken yet is dropped here.
-            let this = this.project();
             if *this.done {
                 return;
             }
@@ -327,6 +375,10 @@ const _: () = assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver>
 
 impl Driver {
     fn new(inflight: Arc<Inflight>) -> Self {
+        #[cfg(feature = "lambda")]
+        if let Some(invocation) = &inflight.invocation {
+            invocation.enter();
+        }
         Self {
             inflight,
             running: Callbacks::default(),
@@ -382,13 +434,13 @@ fn wait(
 ) -> Option<Stop> {
     let waits = waits.get_or_insert_with(|| {
         Box::pin(Waits {
-            shutdown: inflight.shared.shutdown_token().clone().cancelled_owned(),
+            shutdown: inflight.stop_token().clone().cancelled_owned(),
             budget: None,
         })
     });
     let mut waits = waits.as_mut().project();
     if waits.shutdown.as_mut().poll(cx).is_ready() {
-        return Some(Stop::Shutdown);
+        return inflight.cancelled();
     }
     // The deadline is known once the response finished; until then only `wait_until` runs.
     let end = inflight.end.get()?;

@@ -11,6 +11,7 @@ use crate::After;
 
 /// Extracts the request's [`After`] handle; rejects with [`MissingAfterLayer`] when the router
 /// lacks [`AfterLayer`](crate::AfterLayer). `Option<After>` never rejects.
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl<S> FromRequestParts<S> for After
 where
     S: Send + Sync,
@@ -26,6 +27,7 @@ where
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl<S> OptionalFromRequestParts<S> for After
 where
     S: Send + Sync,
@@ -53,6 +55,7 @@ where
 /// assert_eq!(rejection.status(), 500);
 /// assert!(rejection.body_text().contains("AfterLayer"));
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MissingAfterLayer;

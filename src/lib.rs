@@ -236,60 +236,86 @@
 //!   extensions.
 //! - `metrics`: publishes the counters of [`AfterTasks::stats`] through the
 //!   [`metrics`](https://docs.rs/metrics) facade, under the names listed at [`AfterStats`].
+//! - `lambda`: the module `lambda`, for AWS Lambda with `lambda_runtime` (see *Serverless: AWS
+//!   Lambda*). On docs.rs, items that need a feature say which.
 //!
-//! # Serverless: AWS Lambda and other freezing platforms
+//! # Serverless: AWS Lambda
 //!
 //! A long-running server keeps its process alive between requests, so callbacks simply run on.
-//! Lambda instead *freezes* the execution environment as soon as an invocation is over, and an
-//! invocation is over when the runtime and every extension have asked for the next event. The
-//! Rust runtime (`lambda_http`) asks right after it posted the response: callbacks still
-//! pending would be frozen mid-flight, resumed at some later invocation, or lost with the
-//! environment. This is what Vercel's `waitUntil` exists for.
-//!
-//! The adapter therefore registers an *internal extension* in the same process, whose handler
-//! for each `INVOKE` event returns only once [`AfterTasks::idle`] resolves: Lambda keeps the
-//! environment running until then, while the client already has its response. For `idle()` not
-//! to resolve before the invocation's request has even entered the layer, a middleware inside
-//! `AfterLayer` counts the requests it sees and registers a no-op callback for each (pending from
-//! the start of the request until its response is finished); the extension first waits for its
-//! invocation's request to have been counted. On paper (with `lambda_http` and
-//! `lambda-extension`, which this crate does not depend on):
+//! Lambda instead *freezes* the execution environment as soon as the runtime asks for the next
+//! event, which `lambda_runtime` does right after it posted a response: callbacks still pending
+//! would be frozen mid-flight, resumed during some later invocation, or lost with the
+//! environment. Vercel's `waitUntil` exists for this, and the `lambda` feature brings it:
+//! `lambda::DrainLayer` goes on `lambda_runtime::Runtime::layer`, which wraps each invocation up
+//! to and including the post of its response.
 //!
 //! ```rust,ignore
-//! let layer = AfterLayer::new().max_duration(Duration::from_secs(10)); // below the function timeout
-//! let tasks = layer.tasks();
-//! let (entered, mut seen) = tokio::sync::watch::channel(0_u64);
-//! let app = Router::new()
-//!     .route("/", post(handler))
-//!     .layer(middleware::from_fn(move |later: After, request: Request, next: Next| {
-//!         later.run(async {}); // holds `idle()` until this response is finished
-//!         entered.send_modify(|count| *count += 1);
-//!         next.run(request)
-//!     }))
-//!     .layer(layer);
-//!
-//! let mut invocations = 0_u64;
-//! let extension = lambda_extension::Extension::new()
-//!     .with_events(&["INVOKE"])
-//!     .with_events_processor(service_fn(move |_event: LambdaEvent| {
-//!         invocations += 1;
-//!         let (tasks, mut seen, invocation) = (tasks.clone(), seen.clone(), invocations);
-//!         async move {
-//!             seen.wait_for(|count| *count >= invocation).await?;
-//!             tasks.idle().await;
-//!             Ok::<(), Error>(())
-//!         }
-//!     }))
-//!     .register()
-//!     .await?;
-//! tokio::try_join!(lambda_http::run(app), extension.run())?;
+//! let layer = AfterLayer::new();
+//! let app = Router::new().route("/", post(handler)).layer(layer.clone());
+//! tower_after::lambda::graceful_shutdown(layer.tasks(), Duration::from_millis(300)).await;
+//! lambda_runtime::Runtime::new(lambda_http::Adapter::from(app))
+//!     .layer(tower_after::lambda::DrainLayer::new(layer.tasks()))
+//!     .run()
+//!     .await
 //! ```
 //!
-//! The budget must stay below the function's timeout, which Lambda enforces on the whole
-//! invocation, callbacks included.
+//! With `DrainLayer`, for each invocation:
+//! - The callbacks of its request start only once its response has been posted to the Runtime
+//!   API. (`lambda_http` reads the whole response body before it posts it; without the layer,
+//!   the callbacks would start first.)
+//! - The runtime asks for the next event only once those callbacks, and the work they register
+//!   for the same request, have ended: Lambda freezes nothing half-way, and no work of one
+//!   invocation runs during the next.
+//! - The wait is bounded by each request's budget ([`MaxDuration`], [`AfterLayer::max_duration`])
+//!   and in any case by the invocation's deadline (the function's timeout, which Lambda sends
+//!   with each event), less a margin of 100 ms: what still runs then is cancelled, with a `WARN`
+//!   for each callback and one for the invocation, and counted as timed out. An invocation that
+//!   outlived its timeout would make Lambda reset the execution environment.
+//! - An invocation whose request registered nothing goes on as soon as its response is posted:
+//!   no wait, no timer.
+//! - With concurrent invocations (`lambda_http`'s `concurrency-tokio` feature with
+//!   `run_concurrent`, for Lambda Managed Instances), each worker waits for the work of its own
+//!   invocation only; the others go on taking events. A worker that waits takes no event.
+//!
+//! What it does not guarantee:
+//! - The wait is part of the invocation: it is billed, and it counts against the function's
+//!   timeout. Choose a timeout that covers the response *and* the work after it, and budgets that
+//!   fit in it.
+//! - Only work registered on a request that entered [`AfterLayer`] inside the invocation's task is
+//!   held and waited for. A layer that moves requests to another task (`tower::buffer`) loses the
+//!   hold; work registered late, from a task the handler spawned after the invocation ended,
+//!   runs unwatched and may be frozen with the environment.
+//! - A callback that blocks its thread instead of awaiting cannot be stopped: the invocation
+//!   still ends at its deadline, and the callback runs on, into the next invocation or a freeze.
+//! - Tested with `lambda_http::Adapter` (buffered responses), sequential and concurrent, against
+//!   a Runtime API on the loopback; not against Lambda itself, and not with response streaming.
+//! - At shutdown, Lambda sends SIGTERM only to a runtime with an extension registered, then leaves
+//!   it about 500 ms (300 ms when external extensions are installed) before SIGKILL.
+//!   `lambda::graceful_shutdown(tasks, grace)` registers such an extension and runs
+//!   [`AfterTasks::shutdown`] on SIGTERM; keep `grace` near 300 ms. Since every invocation
+//!   drained its own work, there is usually nothing left by then.
+//! - As on a server, a crash, an out-of-memory kill or a lost environment loses callbacks that
+//!   had not run: work that must happen belongs in a durable queue (SQS, a table) written before
+//!   the response.
+//!
+//! The example `lambda` (`cargo lambda build --release --features lambda --example lambda`)
+//! is a function ready to deploy with `cargo lambda deploy`.
+//!
+//! ## Cloudflare Workers, and other platforms without Tokio
+//!
+//! Cloudflare Workers (workers-rs) offers the same promise as Vercel, `Context::wait_until`, but
+//! runs Rust as WebAssembly in a V8 isolate: one thread, no Tokio runtime, the isolate's own event
+//! loop. This crate does not support it. It would take an *executor hook*: today the driver task
+//! that runs a request's callbacks is spawned with `tokio::spawn`, its budget is a Tokio timer,
+//! and `run_blocking` uses Tokio's blocking pool. A hook given to `AfterLayer` would hand the
+//! driver future to the platform instead (on Workers, to `wait_until`, which keeps the isolate
+//! alive until it resolves; the future would have to do without `Send`), take a timer from the
+//! platform for budgets, and leave `run_blocking` out. The rest (the request's scope, the
+//! snapshot, when a response counts as finished) does not depend on Tokio.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// The README's Rust examples, compiled and run as doctests so that they stay correct.
 #[cfg(doctest)]
@@ -304,6 +330,11 @@ mod driver;
 mod extract;
 mod future;
 mod handle;
+#[cfg(feature = "lambda")]
+mod hold;
+#[cfg(feature = "lambda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+pub mod lambda;
 mod layer;
 mod scope;
 mod service;

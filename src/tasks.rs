@@ -402,6 +402,11 @@ impl AfterTasks {
         Self { shared }
     }
 
+    #[cfg(feature = "lambda")]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The number of callbacks and [`wait_until`](crate::After::wait_until) futures registered
     /// and not yet ended: queued behind a response that is still being sent, or running.
     #[must_use]
@@ -428,10 +433,9 @@ impl AfterTasks {
     /// such as one blocking inside its poll) count as pending until they actually end.
     ///
     /// Unlike [`AfterTasks::shutdown`] it cancels nothing and leaves the layer as it was, so it
-    /// can be awaited again and again. It is meant for platforms that freeze the process between
-    /// invocations (AWS Lambda and other serverless runtimes): the adapter awaits `idle()` after
-    /// each response, before it lets the invocation end, the way Vercel's `waitUntil` extends one.
-    /// See the crate documentation for the shape of such an adapter.
+    /// can be awaited again and again: in tests, or before a process that is about to be frozen
+    /// lets it happen. On AWS Lambda, `lambda::DrainLayer` (feature `lambda`) does better: it
+    /// waits for each invocation's own work only, within the invocation's deadline.
     ///
     /// # Cancel safety
     ///
@@ -587,7 +591,8 @@ impl AfterStats {
     }
 
     /// Callbacks cancelled because their request's max duration ran out, whether they had
-    /// started or were still waiting.
+    /// started or were still waiting; on AWS Lambda, also those cancelled because their
+    /// invocation's deadline was near (`lambda::DrainLayer`, feature `lambda`).
     #[must_use]
     pub fn timed_out(&self) -> u64 {
         self.timed_out

@@ -1,0 +1,145 @@
+//! An invocation of a platform that freezes the process between invocations (AWS Lambda): it
+//! holds back the after-work of the requests it serves until its response is out, then counts
+//! that work until it is done.
+//!
+//! On Lambda, `lambda_http` reads the response body to its end, then posts the response to the
+//! Runtime API: a request's callbacks would start before that post. While its invocation is
+//! *held*, a request that finishes leaves the start of its work here; [`Hold::release`] starts
+//! it all once the response is posted. From then on, [`Invocation::settled`] resolves whenever
+//! no driver of those requests is at work, and the invocation's stop token, a child of the
+//! layer's shutdown token, stops them when the invocation's time runs out.
+//!
+//! It knows nothing of drivers: the held work is a closure, and the drivers count themselves
+//! in and out.
+
+use std::future::Future;
+use std::mem;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+use tokio::task::futures::TaskLocalFuture;
+use tokio_util::sync::CancellationToken;
+
+tokio::task_local! {
+    /// The invocation being served, for the requests that enter `AfterLayer` inside it.
+    static CURRENT: Arc<Invocation>;
+}
+
+type Deferred = Box<dyn FnOnce() + Send>;
+
+/// One invocation, shared by the requests it serves.
+pub(crate) struct Invocation {
+    /// `None` once released: work arriving later starts at once.
+    held: Mutex<Option<Vec<Deferred>>>,
+    /// Drivers of its requests at work now.
+    drivers: AtomicUsize,
+    /// Woken whenever no driver is at work any more.
+    settled: Notify,
+    stop: CancellationToken,
+}
+
+impl Invocation {
+    /// The invocation the current task serves, if any.
+    pub(crate) fn current() -> Option<Arc<Self>> {
+        CURRENT.try_with(Arc::clone).ok()
+    }
+
+    fn held(&self) -> MutexGuard<'_, Option<Vec<Deferred>>> {
+        // No user code runs under the lock.
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `start` once the invocation is released: now, if it already is.
+    pub(crate) fn after_release(&self, start: impl FnOnce() + Send + 'static) {
+        let mut held = self.held();
+        match held.as_mut() {
+            Some(deferred) => deferred.push(Box::new(start)),
+            None => {
+                drop(held);
+                start();
+            }
+        }
+    }
+
+    /// A driver of one of its requests starts.
+    pub(crate) fn enter(&self) {
+        self.drivers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A driver of one of its requests retires.
+    pub(crate) fn leave(&self) {
+        if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// How many drivers of its requests are at work.
+    pub(crate) fn busy(&self) -> usize {
+        self.drivers.load(Ordering::SeqCst)
+    }
+
+    /// Resolves as soon as no driver of its requests is at work.
+    pub(crate) async fn settled(&self) {
+        loop {
+            // Created before the check, it hears a drop to zero that happens in between.
+            let notified = self.settled.notified();
+            if self.busy() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Cancelled when the invocation's time runs out, and with the layer's shutdown token.
+    pub(crate) fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Starts the work held back so far, in the order it arrived; later work starts at once.
+    fn release(&self) {
+        let deferred = mem::take(&mut *self.held()).unwrap_or_default();
+        for start in deferred {
+            start();
+        }
+    }
+}
+
+/// The handle of the code that serves an invocation. Dropped without [`Hold::release`] (the
+/// invocation was abandoned), it releases the work all the same, so that none is left behind.
+pub(crate) struct Hold(Arc<Invocation>);
+
+impl Hold {
+    /// A new invocation, held, whose drivers stop when `stop` is cancelled.
+    pub(crate) fn new(stop: CancellationToken) -> Self {
+        Self(Arc::new(Invocation {
+            held: Mutex::new(Some(Vec::new())),
+            drivers: AtomicUsize::new(0),
+            settled: Notify::new(),
+            stop,
+        }))
+    }
+
+    /// Calls `f` with the invocation as the current one.
+    pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self.0.clone(), f)
+    }
+
+    /// `future`, polled with the invocation as the current one.
+    pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<Arc<Invocation>, F> {
+        CURRENT.scope(self.0.clone(), future)
+    }
+
+    /// Starts the work held back: the invocation's response is posted.
+    pub(crate) fn release(self) -> Arc<Invocation> {
+        self.0.release();
+        self.0.clone()
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        // A no-op after `release`.
+        self.0.release();
+    }
+}

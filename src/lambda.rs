@@ -1,0 +1,425 @@
+//! AWS Lambda: [`DrainLayer`] runs each invocation's callbacks after its response is posted and
+//! before the runtime asks for the next event, the way Vercel's `waitUntil` extends a function.
+//!
+//! Lambda freezes the execution environment as soon as the runtime asks for the next event.
+//! [`DrainLayer`] goes on `lambda_runtime`'s [`Runtime::layer`](lambda_runtime::Runtime::layer),
+//! around each invocation up to and including the post of its response; it keeps the callbacks
+//! of the invocation's request from starting before that post, then waits for them, within
+//! their budgets and never past the invocation's deadline, and only then lets the runtime go on.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{routing::post, Router};
+//! use tower_after::{After, AfterLayer};
+//!
+//! async fn handler(after: After) -> &'static str {
+//!     after.run(async { /* runs after the response is posted, before the next event */ });
+//!     "ok"
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), lambda_runtime::Error> {
+//! let layer = AfterLayer::new();
+//! let tasks = layer.tasks();
+//! let app = Router::new().route("/", post(handler)).layer(layer);
+//!
+//! // On SIGTERM, Lambda leaves the process about 500 ms.
+//! tower_after::lambda::graceful_shutdown(tasks.clone(), Duration::from_millis(300)).await;
+//! lambda_runtime::Runtime::new(lambda_http::Adapter::from(app))
+//!     .layer(tower_after::lambda::DrainLayer::new(tasks))
+//!     .run()
+//!     .await
+//! # }
+//! ```
+//!
+//! The crate documentation (*Serverless: AWS Lambda*) says what this guarantees and what not.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use lambda_runtime::LambdaInvocation;
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::hold::{Hold, Invocation};
+use crate::tasks::Shared;
+use crate::AfterTasks;
+
+/// A layer for `lambda_runtime`'s [`Runtime::layer`](lambda_runtime::Runtime::layer): each
+/// invocation's after-work runs once its response is posted, and the runtime asks for the next
+/// event only once that work is done.
+///
+/// For each invocation it
+/// 1. holds back the callbacks of the requests that [`AfterLayer`](crate::AfterLayer) serves
+///    within it: `lambda_http` reads the whole response body, which would start them, *before*
+///    it posts the response;
+/// 2. starts them once the response has been posted to the Runtime API;
+/// 3. waits until they ended, each request's within its budget ([`MaxDuration`](crate::MaxDuration)
+///    or [`AfterLayer::max_duration`](crate::AfterLayer::max_duration)), and in any case until
+///    [`DrainLayer::DEADLINE_MARGIN`] before the invocation's deadline (the function's timeout).
+///    What still runs then is cancelled, with a `WARN` for each callback and one for the
+///    invocation;
+/// 4. returns, and the runtime asks for the next event.
+///
+/// An invocation whose requests registered nothing returns as soon as its response is posted,
+/// without a timer.
+///
+/// It waits for its own invocation's work only, which matters with concurrent invocations
+/// (`lambda_http`'s `concurrency-tokio` feature and `run_concurrent`): each worker waits for
+/// the work of the invocation it served, and the others go on taking events meanwhile. Work
+/// registered outside an invocation, and work that a callback registers for another request,
+/// is not waited for.
+///
+/// Make it from the [`AfterTasks`] of the `AfterLayer` on the router. That layer must see the
+/// request in the task that runs the invocation: a layer that moves requests to another task
+/// (`tower::buffer`) between the two loses the hold, and callbacks start at once.
+///
+/// # Example
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+/// use tower_after::{lambda::DrainLayer, AfterLayer};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), lambda_runtime::Error> {
+/// let layer = AfterLayer::new();
+/// let app = Router::new().route("/", get(|| async { "hi" })).layer(layer.clone());
+/// lambda_runtime::Runtime::new(lambda_http::Adapter::from(app))
+///     .layer(DrainLayer::new(layer.tasks()))
+///     .run()
+///     .await
+/// # }
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+#[derive(Clone)]
+pub struct DrainLayer {
+    shared: Arc<Shared>,
+}
+
+impl DrainLayer {
+    /// How long before an invocation's deadline the layer stops waiting, cancels what still
+    /// runs and lets the runtime go on: 100 ms, for the cancelled callbacks to stop and for
+    /// the runtime to reach the Runtime API before Lambda times the invocation out (which resets
+    /// the execution environment).
+    pub const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+    /// A layer that waits for the callbacks of the [`AfterLayer`](crate::AfterLayer) whose
+    /// `tasks` these are.
+    #[must_use]
+    pub fn new(tasks: AfterTasks) -> Self {
+        Self {
+            shared: tasks.shared().clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for DrainLayer {
+    type Service = DrainService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DrainService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for DrainLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainLayer").finish_non_exhaustive()
+    }
+}
+
+/// The service made by [`DrainLayer`]: see there.
+#[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+#[derive(Clone)]
+pub struct DrainService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> DrainService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for DrainService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Service<LambdaInvocation> for DrainService<S>
+where
+    S: Service<LambdaInvocation>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = DrainFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
+        let cap = cap(invocation.context.deadline());
+        // A shutdown whose grace ran out stops this invocation's work too.
+        let hold = Hold::new(self.shared.shutdown_token().child_token());
+        // `lambda_http` calls the router within this call, and axum calls `AfterLayer` when
+        // the future is polled: both see the invocation.
+        let inner = hold.sync_scope(|| self.inner.call(invocation));
+        DrainFuture {
+            inner: hold.scope(inner),
+            hold: Some(hold),
+            cap,
+            draining: None,
+        }
+    }
+}
+
+/// When to stop waiting for an invocation whose deadline is `deadline`; `None`: never.
+fn cap(deadline: SystemTime) -> Option<Instant> {
+    let left = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Instant::now().checked_add(left.saturating_sub(DrainLayer::DEADLINE_MARGIN))
+}
+
+type Drain = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pin_project! {
+    /// Response future of [`DrainService`]: the invocation, up to the post of its response,
+    /// then its after-work.
+    #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
+    pub struct DrainFuture<F>
+    where
+        F: Future,
+    {
+        #[pin]
+        inner: TaskLocalFuture<Arc<Invocation>, F>,
+        // `Some` until the response is posted.
+        hold: Option<Hold>,
+        cap: Option<Instant>,
+        // Once the response is posted, while work runs: the invocation's outcome, and the wait.
+        draining: Option<(F::Output, Drain)>,
+    }
+}
+
+impl<F: Future> Future for DrainFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.hold.is_some() {
+            let output = ready!(this.inner.poll(cx));
+            // The response is posted, or could not be: the work held back starts now.
+            let invocation = this.hold.take().map(Hold::release);
+            match invocation {
+                Some(invocation) if invocation.busy() > 0 => {
+                    *this.draining = Some((output, Box::pin(drain(invocation, *this.cap))));
+                }
+                _ => return Poll::Ready(output),
+            }
+        }
+        if let Some((_, wait)) = this.draining.as_mut() {
+            ready!(wait.as_mut().poll(cx));
+        }
+        match this.draining.take() {
+            Some((output, _)) => Poll::Ready(output),
+            None => panic!("`DrainFuture` polled after completion"),
+        }
+    }
+}
+
+impl<F: Future> fmt::Debug for DrainFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainFuture")
+            .field("posted", &self.hold.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long the drain lets cancelled callbacks stop before it returns anyway.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Waits until no driver of the invocation is at work, or until `cap`, then cancels the rest.
+async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
+    let settled = invocation.settled();
+    let in_time = match cap {
+        Some(cap) => tokio::time::timeout_at(cap, settled).await.is_ok(),
+        None => {
+            settled.await;
+            true
+        }
+    };
+    if in_time {
+        return;
+    }
+    let requests = invocation.busy();
+    invocation.stop_token().cancel();
+    tracing::warn!(
+        requests,
+        "after callbacks cancelled: the Lambda invocation's deadline is {:?} away",
+        DrainLayer::DEADLINE_MARGIN
+    );
+    // Callbacks that can still react stop at once, each with a warning; stuck ones are left.
+    let _ = tokio::time::timeout(SETTLE, invocation.settled()).await;
+}
+
+/// Drains the callbacks of `tasks` when Lambda shuts the execution environment down: wires
+/// `lambda_runtime`'s SIGTERM handler to [`AfterTasks::shutdown`] with `grace`, after which
+/// the process exits.
+///
+/// Lambda sends SIGTERM only to a runtime with an extension registered; this registers an
+/// internal one that subscribes to no event, which costs no time per invocation. It then leaves
+/// the runtime about **500 ms** before it kills the process (300 ms when an external extension
+/// is installed too), so keep `grace` well below that: 300 ms is a sound choice.
+///
+/// With [`DrainLayer`], each invocation has waited for its own work already, so there is
+/// usually nothing left when SIGTERM comes. What the drain catches is work registered outside
+/// the invocations' hold (tasks spawned by handlers that register later, or requests served
+/// outside `lambda_runtime`).
+///
+/// Call it once, before `Runtime::run`, in the Tokio runtime that serves the invocations.
+///
+/// # Panics
+///
+/// If the extension cannot be registered with the Runtime API (outside Lambda, where
+/// `AWS_LAMBDA_RUNTIME_API` is not set, for one).
+#[cfg(unix)]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "lambda", unix))))]
+pub async fn graceful_shutdown(tasks: AfterTasks, grace: Duration) {
+    lambda_runtime::spawn_graceful_shutdown_handler(move || async move {
+        tasks.shutdown(grace).await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use http::{Request, Response};
+    use http_body_util::Empty;
+    use lambda_runtime::{Context, LambdaInvocation};
+    use tower::{service_fn, Layer, Service, ServiceExt};
+
+    use super::DrainLayer;
+    use crate::test_util::{eventually, settle, Logs};
+    use crate::{After, AfterLayer};
+
+    /// An invocation due in `due`.
+    fn invocation(due: Duration) -> LambdaInvocation {
+        let mut context = Context::default();
+        let deadline = SystemTime::now() + due;
+        context.deadline = deadline.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let (parts, ()) = Response::new(()).into_parts();
+        LambdaInvocation {
+            parts,
+            body: bytes::Bytes::new(),
+            context,
+        }
+    }
+
+    /// A function serving one request through `layer`, whose handler registers `callback`;
+    /// the invocation then ends, or never does when `posts` is false.
+    fn function<F>(
+        layer: &AfterLayer,
+        callback: impl Fn() -> F + Clone + Send + 'static,
+        posts: bool,
+    ) -> impl Service<LambdaInvocation, Response = (), Error = Infallible, Future: Send>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let app = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            after.run(callback());
+            async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
+        }));
+        service_fn(move |_: LambdaInvocation| {
+            let app = app.clone();
+            async move {
+                // `lambda_http` drops the body once it has read it, before the post.
+                drop(app.oneshot(Request::new(())).await?);
+                if !posts {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_invocation_still_runs_its_work() {
+        let layer = AfterLayer::new();
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let callback = move || {
+            let flag = flag.clone();
+            async move { flag.store(true, Ordering::SeqCst) }
+        };
+        let mut service = DrainLayer::new(layer.tasks()).layer(function(&layer, callback, false));
+        let mut future = Box::pin(service.call(invocation(Duration::from_secs(60))));
+        assert!(futures_util::poll!(future.as_mut()).is_pending());
+        settle().await;
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "ran before the response was posted"
+        );
+        drop(future);
+        eventually("the held callback to run", || ran.load(Ordering::SeqCst)).await;
+        assert_eq!(layer.tasks().pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_stops_an_invocation_s_work_as_a_shutdown() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        let callback = move || {
+            let flag = flag.clone();
+            async move {
+                flag.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        };
+        let service = DrainLayer::new(tasks.clone()).layer(function(&layer, callback, true));
+        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
+        eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
+
+        let report = tasks.shutdown(Duration::from_millis(50)).await;
+        assert_eq!(report.cancelled(), 1);
+        drain.await.unwrap().unwrap();
+        assert_eq!(tasks.stats().cancelled(), 1);
+        let stopped = logs.lines_with("after callback cancelled");
+        assert_eq!(stopped.len(), 1, "{}", logs.text());
+        assert!(stopped[0].contains("shutdown grace period"), "{stopped:?}");
+        assert!(logs.lines_with("invocation's deadline").is_empty());
+    }
+}
