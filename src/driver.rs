@@ -41,8 +41,8 @@ use crate::context::Finished;
 #[cfg(feature = "lambda")]
 use crate::hold::Invocation;
 use crate::scope::{Next, Scope, Start};
-use crate::tasks::{Ended, Shared};
-use crate::{AfterContext, Completion, Outcome, Overloaded, RequestSnapshot};
+use crate::tasks::{Ended, Overloaded, Shared};
+use crate::{AfterContext, Completion, Outcome, RequestSnapshot};
 
 tokio::task_local! {
     /// The request whose response future, or callbacks, are being polled: for `After::current`.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::callback::{BoxCallback, Plain, WithContext};
 use crate::driver::{run_blocking, Inflight, CURRENT};
 use crate::scope::Start;
+use crate::tasks::Overloaded;
 use crate::{AfterContext, RequestSnapshot};
 
 /// Schedules work to run after the current request's response has been sent.
@@ -372,44 +373,6 @@ pub fn try_after<F: AfterWork>(future: F) -> bool {
 pub trait AfterWork: Future<Output = ()> + Send + 'static {}
 
 impl<F: Future<Output = ()> + Send + 'static> AfterWork for F {}
-
-/// Why [`After::try_run_with`] refused work: the layer already holds its
-/// [maximum of pending callbacks](crate::AfterLayer::max_pending).
-///
-/// ```
-/// # fn example(error: tower_after::Overloaded) {
-/// eprintln!("{error}"); // names the limit and `AfterLayer::max_pending`
-/// # }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overloaded {
-    max_pending: usize,
-}
-
-impl Overloaded {
-    pub(crate) fn new(max_pending: usize) -> Self {
-        Self { max_pending }
-    }
-
-    /// The layer's maximum of pending callbacks, which was reached.
-    #[must_use]
-    pub fn max_pending(&self) -> usize {
-        self.max_pending
-    }
-}
-
-impl fmt::Display for Overloaded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "after-response work refused: the layer holds its maximum of {} pending callbacks \
-             (raise it with `AfterLayer::max_pending`)",
-            self.max_pending
-        )
-    }
-}
-
-impl std::error::Error for Overloaded {}
 
 impl fmt::Debug for After {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -348,8 +348,8 @@ pub use context::{AfterContext, Completion, Outcome};
 #[cfg(feature = "axum")]
 pub use extract::MissingAfterLayer;
 pub use future::ResponseFuture;
-pub use handle::{after, try_after, After, AfterWork, Overloaded};
+pub use handle::{after, try_after, After, AfterWork};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
 pub use service::AfterService;
 pub use snapshot::RequestSnapshot;
-pub use tasks::{AfterStats, AfterTasks, ShutdownReport};
+pub use tasks::{AfterStats, AfterTasks, Overloaded, ShutdownReport};

@@ -104,6 +104,44 @@ struct Settled {
     dropped: u64,
 }
 
+/// Why [`After::try_run_with`] refused work: the layer already holds its
+/// [maximum of pending callbacks](crate::AfterLayer::max_pending).
+///
+/// ```
+/// # fn example(error: tower_after::Overloaded) {
+/// eprintln!("{error}"); // names the limit and `AfterLayer::max_pending`
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded {
+    max_pending: usize,
+}
+
+impl Overloaded {
+    pub(crate) fn new(max_pending: usize) -> Self {
+        Self { max_pending }
+    }
+
+    /// The layer's maximum of pending callbacks, which was reached.
+    #[must_use]
+    pub fn max_pending(&self) -> usize {
+        self.max_pending
+    }
+}
+
+impl fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "after-response work refused: the layer holds its maximum of {} pending callbacks \
+             (raise it with `AfterLayer::max_pending`)",
+            self.max_pending
+        )
+    }
+}
+
+impl std::error::Error for Overloaded {}
+
 /// How a callback ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
