@@ -104,8 +104,8 @@ struct Settled {
     dropped: u64,
 }
 
-/// Why [`After::try_run_with`] refused work: the layer already holds its
-/// [maximum of pending callbacks](crate::AfterLayer::max_pending).
+/// Why [`After::try_run_with`](crate::After::try_run_with) refused work: the layer already
+/// holds its [maximum of pending callbacks](crate::AfterLayer::max_pending).
 ///
 /// ```
 /// # fn example(error: tower_after::Overloaded) {
