@@ -402,12 +402,13 @@ impl Future for Driver {
                 *this.done = true;
                 return Poll::Ready(());
             };
-            if !taken.is_empty() {
-                for job in taken {
-                    let running = Running::new(job, inflight.context(), inflight.limit.as_ref());
-                    this.running.push(running);
-                }
-                // Nothing new has been polled yet: work arriving too late never starts.
+            for job in taken {
+                let running = Running::new(job, inflight.context(), inflight.limit.as_ref());
+                this.running.push(running);
+            }
+            // Before any callback is polled: work arriving too late never starts, and a callback
+            // whose timer fired as its budget or a shutdown's grace ran out does not finish late.
+            if !this.running.is_empty() {
                 if let Some(why) = inflight.stopped() {
                     return stop(inflight, this.running, this.done, why);
                 }
@@ -768,6 +769,26 @@ mod tests {
             done.load(Ordering::SeqCst),
             "an unbounded callback was cancelled"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callback_whose_timer_fires_with_its_budget_does_not_finish_late() {
+        // The callback's own timer and its budget's fire at the same instant: the driver, woken
+        // for both, must stop the callback rather than poll it to its end past the deadline.
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        let finished = Arc::new(AtomicBool::new(false));
+        let flag = finished.clone();
+        serve(&layer, move |after| {
+            after.run(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                flag.store(true, Ordering::SeqCst);
+            });
+        })
+        .await;
+        drained(&tasks).await;
+        assert!(!finished.load(Ordering::SeqCst), "finished at its deadline");
+        assert_eq!(tasks.stats().timed_out(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -182,10 +182,6 @@ pub(crate) struct Taken<J> {
 }
 
 impl<J> Taken<J> {
-    pub(crate) fn is_empty(&self) -> bool {
-        self.early.is_empty() && self.queue.is_empty()
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.early.len() + self.queue.len()
     }
