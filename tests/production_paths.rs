@@ -89,13 +89,12 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_keeps_its_grace_when_a_callback_blocks_inside_its_poll() {
-    let layer = AfterLayer::new();
-    let tasks = layer.tasks();
+/// Serves one request whose callback blocks its thread for `BLOCKED`; returns a flag set once
+/// the callback started.
+async fn serve_a_blocking_callback(layer: &AfterLayer) -> Arc<AtomicBool> {
     let started = Arc::new(AtomicBool::new(false));
     let flag = started.clone();
-    serve(&layer, move |after| {
+    serve(layer, move |after| {
         after.run(async move {
             flag.store(true, Ordering::SeqCst);
             // A blocking call where an `.await` belongs: the driver cannot stop it.
@@ -103,6 +102,14 @@ async fn shutdown_keeps_its_grace_when_a_callback_blocks_inside_its_poll() {
         });
     })
     .await;
+    started
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_its_grace_when_a_callback_blocks_inside_its_poll() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let started = serve_a_blocking_callback(&layer).await;
     eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
 
     let begun = Instant::now();
@@ -217,15 +224,7 @@ async fn shutdown_keeps_its_grace_when_every_worker_is_blocked() {
     // outside the runtime can end the wait.
     let layer = AfterLayer::new();
     let tasks = layer.tasks();
-    let started = Arc::new(AtomicBool::new(false));
-    let flag = started.clone();
-    serve(&layer, move |after| {
-        after.run(async move {
-            flag.store(true, Ordering::SeqCst);
-            std::thread::sleep(BLOCKED);
-        });
-    })
-    .await;
+    let started = serve_a_blocking_callback(&layer).await;
     // Not a Tokio timer: the worker is about to be blocked.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !started.load(Ordering::SeqCst) {
