@@ -90,7 +90,10 @@ impl<B: Body> Body for AfterBody<B> {
                     // All the bytes are out: the server may stop polling and drop the body now,
                     // which then counts as complete. Trailers may still follow, so this is not
                     // the end yet.
-                    if finisher.expected == Some(finisher.body_bytes) {
+                    if finisher
+                        .expected
+                        .is_some_and(|expected| finisher.body_bytes >= expected)
+                    {
                         finisher.on_drop = Completion::Complete;
                     }
                 }
@@ -99,6 +102,13 @@ impl<B: Body> Body for AfterBody<B> {
                 }
             }
             Some(Err(_)) => finisher.finish(Completion::BodyError),
+            // Shorter than its announced length: the server cannot complete the response.
+            None if finisher
+                .expected
+                .is_some_and(|expected| finisher.body_bytes < expected) =>
+            {
+                finisher.finish(Completion::BodyError);
+            }
             None => finisher.finish(Completion::Complete),
         }
         Poll::Ready(frame)
@@ -170,9 +180,12 @@ impl Finisher {
     /// complete once dropped.
     pub(crate) fn responded(mut self, status: StatusCode, headers: &HeaderMap) -> Self {
         self.status = Some(status);
+        // Digits only, as hyper reads it (Rust's `parse` would also take a sign).
         self.expected = headers
             .get(CONTENT_LENGTH)
-            .and_then(|length| length.to_str().ok()?.parse().ok());
+            .map(|length| length.as_bytes())
+            .filter(|digits| !digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+            .and_then(|digits| std::str::from_utf8(digits).ok()?.parse().ok());
         let head = self
             .inflight
             .as_ref()
@@ -191,7 +204,11 @@ impl Finisher {
 
     pub(crate) fn finish(&mut self, completion: Completion) {
         if let Some(inflight) = self.inflight.take() {
-            inflight.finish(self.status, completion, self.body_bytes);
+            // The server sends no more than the announced length.
+            let sent = self
+                .expected
+                .map_or(self.body_bytes, |expected| self.body_bytes.min(expected));
+            inflight.finish(self.status, completion, sent);
         }
     }
 }
@@ -287,6 +304,53 @@ mod tests {
         body.frame().await.unwrap().unwrap();
         assert!(body.frame().await.unwrap().is_err());
         assert_eq!(seen.one().await.completion(), Completion::BodyError);
+    }
+
+    #[tokio::test]
+    async fn a_content_length_that_the_body_does_not_match() {
+        let with_length = |length: &'static str, chunks: &'static [&'static str], then| {
+            move || {
+                let mut response = Response::new(TestBody::new(chunks, then));
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, length.parse().unwrap());
+                response
+            }
+        };
+        // Longer than announced: the server sends the announced bytes and stops there.
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(
+            &layer,
+            &seen,
+            with_length("5", &["0123456789"], Then::Pending),
+        );
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        let outcome = seen.one().await;
+        assert_eq!(
+            (outcome.completion(), outcome.body_bytes()),
+            (Completion::Complete, 5)
+        );
+
+        // Shorter than announced: the server cannot complete the response.
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, with_length("5", &["123"], Then::End));
+        let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.collect().await.unwrap();
+        let outcome = seen.one().await;
+        assert_eq!(
+            (outcome.completion(), outcome.body_bytes()),
+            (Completion::BodyError, 3)
+        );
+
+        // Not a length hyper would read: no length is assumed.
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let service = recording(&layer, &seen, with_length("+3", &["123"], Then::Pending));
+        let mut body = service.oneshot(Request::new(())).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(seen.one().await.completion(), Completion::Aborted);
     }
 
     #[tokio::test]

@@ -134,7 +134,13 @@ impl Inflight {
         name: Option<Cow<'static, str>>,
         start: Start,
     ) -> Result<(), Overloaded> {
-        let ticket = match self.shared.ticket(self.max_pending) {
+        // A replacement takes the place of the job it replaces: it never counts against the
+        // bound (give or take the driver taking the old one meanwhile).
+        let replacing = name
+            .as_deref()
+            .is_some_and(|name| self.scope.holds_named(name));
+        let bound = self.max_pending.saturating_add(usize::from(replacing));
+        let ticket = match self.shared.ticket(bound) {
             Ok(ticket) => ticket,
             Err(shed) => {
                 if let Some(refused) = shed.warn {
@@ -1230,6 +1236,28 @@ mod tests {
         .await;
         drained(&tasks).await;
         assert!(accepted.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_replacement_at_the_bound_still_wins() {
+        let layer = AfterLayer::new().max_pending(1);
+        let tasks = layer.tasks();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let log = ran.clone();
+        serve(&layer, move |after| {
+            for label in ["v1", "v2"] {
+                let log = log.clone();
+                after.run_named(
+                    "save",
+                    move |_| async move { log.lock().unwrap().push(label) },
+                );
+            }
+        })
+        .await;
+        drained(&tasks).await;
+        assert_eq!(*ran.lock().unwrap(), ["v2"]);
+        let stats = tasks.stats();
+        assert_eq!((stats.forgotten(), stats.shed()), (1, 0));
     }
 
     #[tokio::test]

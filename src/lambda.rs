@@ -49,7 +49,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::hold::{Hold, Invocation};
-use crate::tasks::Shared;
+use crate::tasks::{until, Shared};
 use crate::AfterTasks;
 
 /// A layer for `lambda_runtime`'s [`Runtime::layer`](lambda_runtime::Runtime::layer): each
@@ -65,8 +65,12 @@ use crate::AfterTasks;
 ///    or [`AfterLayer::max_duration`](crate::AfterLayer::max_duration)), and in any case until
 ///    [`DrainLayer::DEADLINE_MARGIN`] before the invocation's deadline (the function's timeout).
 ///    What still runs then is cancelled, with a `WARN` for each callback and one for the
-///    invocation;
+///    invocation. A request's budget counts from the end of its response body, which
+///    `lambda_http` reads before it posts the response: the post's time counts against it;
 /// 4. returns, and the runtime asks for the next event.
+///
+/// The cap holds even when a callback blocks the only worker thread (it is kept outside Tokio's
+/// timers), except on a current-thread runtime, whose one thread such a callback blocks.
 ///
 /// An invocation whose requests registered nothing returns as soon as its response is posted,
 /// without a timer.
@@ -265,15 +269,9 @@ const SETTLE: Duration = Duration::from_millis(20);
 
 /// Waits until no driver of the invocation is at work, or until `cap`, then cancels the rest.
 async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
-    let settled = invocation.settled();
-    let in_time = match cap {
-        Some(cap) => tokio::time::timeout_at(cap, settled).await.is_ok(),
-        None => {
-            settled.await;
-            true
-        }
-    };
-    if in_time {
+    // `until` keeps the cap even when callbacks block every worker thread, which would hold
+    // Tokio's timers back.
+    if until(cap, invocation.settled()).await.is_some() {
         return;
     }
     let requests = invocation.busy();
@@ -284,7 +282,7 @@ async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
         DrainLayer::DEADLINE_MARGIN
     );
     // Callbacks that can still react stop at once, each with a warning; stuck ones are left.
-    let _ = tokio::time::timeout(SETTLE, invocation.settled()).await;
+    let _ = until(Instant::now().checked_add(SETTLE), invocation.settled()).await;
 }
 
 /// Drains the callbacks of `tasks` when Lambda shuts the execution environment down: wires
@@ -421,5 +419,23 @@ mod tests {
         assert_eq!(stopped.len(), 1, "{}", logs.text());
         assert!(stopped[0].contains("shutdown grace period"), "{stopped:?}");
         assert!(logs.lines_with("invocation's deadline").is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_callback_blocking_the_only_worker_does_not_hold_the_drain_past_its_cap() {
+        // Tokio's timers wait for a free worker; the drain's cap must not.
+        let layer = AfterLayer::new();
+        let callback = || async { std::thread::sleep(Duration::from_millis(2500)) };
+        let service = DrainLayer::new(layer.tasks()).layer(function(&layer, callback, true));
+        let started = std::time::Instant::now();
+        service
+            .oneshot(invocation(Duration::from_millis(600)))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1500),
+            "the drain took {took:?}"
+        );
     }
 }

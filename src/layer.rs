@@ -155,7 +155,8 @@ impl AfterLayer {
     /// let layer = AfterLayer::new().on_response(audit);
     /// ```
     ///
-    /// The hook is registered first, so it starts before the request's other callbacks. Calling
+    /// The hook is registered first, so it starts before the request's other callbacks; it
+    /// holds a place under [`max_pending`](AfterLayer::max_pending) from the request's start. Calling
     /// `on_response` again replaces the hook. Each request then costs one more small allocation and
     /// a callback start, measured in `BENCHMARKS.md`.
     #[must_use]
@@ -182,6 +183,12 @@ impl AfterLayer {
     /// future and about a kilobyte of bookkeeping; see `BENCHMARKS.md`), while no server that
     /// drains its callbacks as fast as it takes requests comes near it. `usize::MAX` means no
     /// bound.
+    ///
+    /// A request's [`on_response`](AfterLayer::on_response) hook is registered when the
+    /// request enters, so it holds a place for as long as the request is handled and its body
+    /// sent: with the hook, long streams and long polls in flight count against the bound. A
+    /// [`run_named`](crate::After::run_named) registration that replaces a queued callback takes
+    /// its place and is never refused.
     ///
     /// ```
     /// let layer = tower_after::AfterLayer::new().concurrency_limit(64).max_pending(50_000);

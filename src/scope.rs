@@ -103,6 +103,14 @@ impl<J: Named> Scope<J> {
         (state.call_driver(), replaced)
     }
 
+    /// Whether a job called `name` is queued: registering that name again replaces it.
+    pub(crate) fn holds_named(&self, name: &str) -> bool {
+        self.state()
+            .queue
+            .iter()
+            .any(|job| job.name() == Some(name))
+    }
+
     /// Removes the queued job called `name`, if it has not been taken yet.
     pub(crate) fn forget(&self, name: &str) -> Option<J> {
         self.state().take_named(name)

@@ -330,17 +330,19 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// Tokio's timer keeps the deadline, and a plain thread keeps it too: Tokio's timers are driven
 /// by its worker threads, and callbacks that block every worker inside their poll would
 /// otherwise hold the deadline back with them.
-async fn until<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
+pub(crate) async fn until<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
     let Some(deadline) = deadline else {
         return Some(future.await);
     };
     let mut future = pin!(future);
     let mut timer = pin!(tokio::time::sleep_until(deadline));
-    let mut backstop = Backstop::start(deadline);
+    // Started only if the future does not end at once: most drains have nothing to wait for.
+    let mut backstop: Option<Backstop> = None;
     poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
         }
+        let backstop = backstop.get_or_insert_with(|| Backstop::start(deadline));
         if timer.as_mut().poll(cx).is_ready() || backstop.poll_fired(cx) {
             return Poll::Ready(None);
         }
