@@ -305,11 +305,9 @@ fn app(variant: &str) -> Router {
         "after-outer" => route(get(hello)),
         "after-outer-callback" => route(get(after_callback)),
         "after-hook" => {
-            route(get(hello)).layer(AfterLayer::new().on_response(move |ctx| {
-                async move {
-                    probe.delays.record(ctx.outcome().finished_at().elapsed());
-                    probe.ran.fetch_add(1, Ordering::Relaxed);
-                }
+            route(get(hello)).layer(AfterLayer::new().on_response(move |ctx| async move {
+                probe.delays.record(ctx.outcome().finished_at().elapsed());
+                probe.ran.fetch_add(1, Ordering::Relaxed);
             }))
         }
         "eos-spawn" => eos_spawn(route(get(hello)), false),

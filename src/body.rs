@@ -39,7 +39,7 @@ pin_project! {
     /// let layer = AfterLayer::new();
     /// let tasks = layer.tasks();
     /// let service = layer.layer(service_fn(|request: Request<()>| async move {
-    ///     request.extensions().get::<After>().unwrap().run(async {});
+    ///     After::current().run(async {});
     ///     Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("hello"))))
     /// }));
     /// let body = service.oneshot(Request::new(())).await.unwrap().into_body();
@@ -221,12 +221,14 @@ impl Drop for Finisher {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
     use http::{Request, Response, StatusCode};
     use http_body_util::{BodyExt, Empty, Full};
-    use tower::ServiceExt;
+    use tower::{service_fn, Layer, ServiceExt};
 
     use crate::test_util::{recording, settle, Seen, TestBody, Then};
-    use crate::{AfterLayer, Completion};
+    use crate::{After, AfterLayer, Completion};
 
     #[tokio::test]
     async fn a_body_read_to_its_end_is_complete() {
@@ -448,19 +450,42 @@ mod tests {
         assert_eq!(seen.one().await.completion(), Completion::Complete);
     }
 
-    #[test]
-    fn a_body_dropped_outside_any_runtime_drops_its_callbacks_without_panicking() {
-        let (layer, seen) = (AfterLayer::new(), Seen::default());
-        let tasks = layer.tasks();
+    /// Serves one request on a runtime that is then dropped, with a handler that registers
+    /// one callback through `register`, and returns the response, not yet read.
+    fn served_on_a_dropped_runtime(
+        layer: &AfterLayer,
+        register: fn(After, Seen),
+        seen: &Seen,
+    ) -> Response<crate::AfterBody<Full<bytes::Bytes>>> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let service = recording(&layer, &seen, || {
-            Response::new(Full::new(bytes::Bytes::from("x")))
-        });
+        let seen = seen.clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            register(After::current(), seen.clone());
+            async { Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("x")))) }
+        }));
         let response = runtime.block_on(service.oneshot(Request::new(()))).unwrap();
         drop(runtime);
+        response
+    }
+
+    #[test]
+    fn a_body_dropped_outside_any_runtime_drops_its_callbacks_without_panicking() {
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let tasks = layer.tasks();
+        // A named callback stays queued, for the driver that the end of the response spawns.
+        let response = served_on_a_dropped_runtime(
+            &layer,
+            |after, seen| {
+                after.run_named(
+                    "audit",
+                    move |ctx| async move { seen.record(*ctx.outcome()) },
+                );
+            },
+            &seen,
+        );
         assert_eq!(tasks.pending(), 1);
         // On a thread with no runtime at all.
         let errors = std::thread::spawn(move || {
@@ -478,5 +503,29 @@ mod tests {
             errors[0].contains("ERROR") && errors[0].contains("cancelled=1"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_runtime_dropped_while_a_callback_waits_for_its_response_cancels_it() {
+        let logs = crate::test_util::Logs::capture();
+        let (layer, seen) = (AfterLayer::new(), Seen::default());
+        let tasks = layer.tasks();
+        // The first callback rides in a driver spawned on the runtime, which goes with it.
+        let response = served_on_a_dropped_runtime(
+            &layer,
+            |after, seen| after.run_with(move |ctx| async move { seen.record(*ctx.outcome()) }),
+            &seen,
+        );
+        assert_eq!(tasks.pending(), 0);
+        assert_eq!(tasks.stats().cancelled(), 1);
+        let warnings = logs.lines_with("the runtime shut down before they ended");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("cancelled=1"), "{warnings:?}");
+        // Its response, dropped later on a thread without a runtime, has nothing left to hand.
+        std::thread::spawn(move || drop(response))
+            .join()
+            .expect("no panic");
+        assert!(seen.all().is_empty());
+        assert_eq!(tasks.stats().scheduled(), 1);
     }
 }

@@ -32,6 +32,12 @@ pub(crate) trait Callback: Send {
     fn poll_run(self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()>;
 }
 
+impl Callback for BoxCallback {
+    fn poll_run(self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()> {
+        self.get_mut().as_mut().poll_run(ctx, cx)
+    }
+}
+
 pin_project! {
     /// A future registered with `run` or `wait_until`.
     pub(crate) struct Plain<F> {
@@ -122,7 +128,7 @@ impl Job {
             mut ticket,
         } = self;
         let _entered = span.enter();
-        drop_quietly(callback, request, name.as_deref());
+        drop_quietly(|| drop(callback), request, name.as_deref());
         ticket.close(how);
     }
 }
@@ -175,98 +181,147 @@ impl fmt::Display for Stop {
     }
 }
 
-/// One callback taken by its driver: waiting for a place under the concurrency limit, then
-/// running inside its span, with panics caught. Counted in the `queued` or `running` gauge while
-/// it lives, and in the ledger once it ends, stops, or is dropped.
-pub(crate) struct Running {
-    /// `None` once it ended.
-    callback: Option<BoxCallback>,
-    span: Span,
-    name: Option<Cow<'static, str>>,
-    ticket: Ticket,
-    ctx: AfterContext,
-    /// `Some` while it waits for a place under the limit.
-    acquire: Option<BoxAcquire>,
-    /// Its place under the limit, held until it ends.
-    _permit: Option<OwnedSemaphorePermit>,
+pin_project! {
+    /// One callback started by its driver: waiting for a place under the concurrency limit,
+    /// then running inside its span, with panics caught. Counted in the `queued` or `running`
+    /// gauge while it lives, and in the ledger once it ends, stops, or is dropped.
+    ///
+    /// Generic so that a request's first callback lives inline in its driver's task; the
+    /// others are boxed (`Running<BoxCallback>`).
+    pub(crate) struct Running<C> {
+        // `None` once it ended.
+        #[pin]
+        callback: Option<C>,
+        span: Span,
+        name: Option<Cow<'static, str>>,
+        ticket: Ticket,
+        ctx: AfterContext,
+        // `Some` while it waits for a place under the limit.
+        acquire: Option<BoxAcquire>,
+        // Its place under the limit, held until it ends.
+        permit: Option<OwnedSemaphorePermit>,
+        // Counted in a gauge: set once its driver started it.
+        started: bool,
+    }
+
+    impl<C> PinnedDrop for Running<C> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.started {
+                this.ticket.shared().gauge(gauge(this.acquire), false);
+            }
+            // Dropped before its end (the runtime is shutting down): counted as cancelled.
+            end(this.callback, this.ticket, this.ctx, this.name, Ended::Cancelled);
+        }
+    }
 }
 
-impl Running {
-    pub(crate) fn new(job: Job, ctx: AfterContext, limit: Option<&Arc<Semaphore>>) -> Self {
+impl Running<BoxCallback> {
+    /// A queued job, started.
+    pub(crate) fn from_job(job: Job, ctx: AfterContext, limit: Option<&Arc<Semaphore>>) -> Self {
         let Job {
             callback,
             span,
             name,
             ticket,
         } = job;
-        let acquire = limit.map(|limit| -> BoxAcquire { Box::pin(limit.clone().acquire_owned()) });
-        let running = Self {
+        let mut running = Self::new(callback, span, name, ticket, ctx);
+        Pin::new(&mut running).start(limit);
+        running
+    }
+}
+
+impl<C: Callback> Running<C> {
+    /// A callback that its driver has yet to start.
+    pub(crate) fn new(
+        callback: C,
+        span: Span,
+        name: Option<Cow<'static, str>>,
+        ticket: Ticket,
+        ctx: AfterContext,
+    ) -> Self {
+        Self {
             callback: Some(callback),
             span,
             name,
             ticket,
             ctx,
-            acquire,
-            _permit: None,
-        };
-        running.ticket.shared().gauge(running.gauge(), true);
-        running
+            acquire: None,
+            permit: None,
+            started: false,
+        }
     }
 
-    fn gauge(&self) -> Gauge {
-        if self.acquire.is_some() {
-            Gauge::Queued
-        } else {
-            Gauge::Running
+    /// Lets it run from now on: it waits for a place under `limit`, if any, then runs.
+    pub(crate) fn start(self: Pin<&mut Self>, limit: Option<&Arc<Semaphore>>) {
+        let this = self.project();
+        if !*this.started {
+            *this.started = true;
+            *this.acquire =
+                limit.map(|limit| -> BoxAcquire { Box::pin(limit.clone().acquire_owned()) });
+            this.ticket.shared().gauge(gauge(this.acquire), true);
         }
     }
 
     /// Stops the callback before its end, with a warning in its span.
-    pub(crate) fn stop(mut self, why: Stop) {
-        let span = self.span.clone();
-        let _entered = span.enter();
-        let request = self.ctx.request();
+    pub(crate) fn stop(self: Pin<&mut Self>, why: Stop) {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let request = this.ctx.request();
         tracing::warn!(
             method = %request.method(),
             path = request.path(),
-            name = self.name.as_deref(),
+            name = this.name.as_deref(),
             "after callback cancelled: {why}"
         );
-        self.end(why.ended());
-    }
-
-    /// Drops the callback and accounts for it as `how`.
-    fn end(&mut self, how: Ended) {
-        if let Some(callback) = self.callback.take() {
-            drop_quietly(callback, self.ctx.request(), self.name.as_deref());
-        }
-        self.ticket.close(how);
+        end(this.callback, this.ticket, this.ctx, this.name, why.ended());
     }
 }
 
-impl Future for Running {
+fn gauge(acquire: &Option<BoxAcquire>) -> Gauge {
+    if acquire.is_some() {
+        Gauge::Queued
+    } else {
+        Gauge::Running
+    }
+}
+
+/// Drops the callback in place, if it has not ended, and accounts for it as `how`.
+fn end<C>(
+    mut callback: Pin<&mut Option<C>>,
+    ticket: &mut Ticket,
+    ctx: &AfterContext,
+    name: &Option<Cow<'static, str>>,
+    how: Ended,
+) {
+    if callback.is_some() {
+        drop_quietly(|| callback.set(None), ctx.request(), name.as_deref());
+    }
+    ticket.close(how);
+}
+
+impl<C: Callback> Future for Running<C> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        if let Some(acquire) = &mut this.acquire {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if let Some(acquire) = this.acquire {
             let Poll::Ready(permit) = acquire.as_mut().poll(cx) else {
                 return Poll::Pending;
             };
             // The semaphore is never closed, so this is always a permit.
-            this._permit = permit.ok();
-            this.acquire = None;
+            *this.permit = permit.ok();
+            *this.acquire = None;
             let shared = this.ticket.shared();
             shared.gauge(Gauge::Queued, false);
             shared.gauge(Gauge::Running, true);
         }
-        let Some(callback) = &mut this.callback else {
+        let Some(callback) = this.callback.as_mut().as_pin_mut() else {
             return Poll::Ready(());
         };
         let entered = this.span.enter();
-        let polled = catch_unwind(AssertUnwindSafe(|| {
-            callback.as_mut().poll_run(&this.ctx, cx)
-        }));
+        let ctx = &*this.ctx;
+        let polled = catch_unwind(AssertUnwindSafe(|| callback.poll_run(ctx, cx)));
         let how = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(())) => Ended::Completed,
@@ -276,35 +331,20 @@ impl Future for Running {
             }
         };
         drop(entered);
-        this.end(how);
+        end(this.callback, this.ticket, this.ctx, this.name, how);
         Poll::Ready(())
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.ticket.shared().gauge(self.gauge(), false);
-        // Dropped before its end (the runtime is shutting down): counted as cancelled.
-        self.end(Ended::Cancelled);
-    }
-}
-
-/// The callbacks a driver runs: the first inline, any more (rarer) in a `FuturesUnordered`
-/// made when needed, so that the common single callback costs no extra allocation. The first
-/// is always the oldest, so polling it first keeps the registration order.
+/// The callbacks a driver took from its request's queue, beyond the one it was spawned with:
+/// rarer, so the `FuturesUnordered` that polls them concurrently is only made when needed. It
+/// polls new ones in the order they were pushed, which keeps the registration order.
 #[derive(Default)]
-pub(crate) struct Callbacks {
-    first: Option<Running>,
-    rest: Option<Box<FuturesUnordered<Running>>>,
-}
+pub(crate) struct Callbacks(Option<Box<FuturesUnordered<Running<BoxCallback>>>>);
 
 impl Callbacks {
-    pub(crate) fn push(&mut self, running: Running) {
-        if self.is_empty() {
-            self.first = Some(running);
-        } else {
-            self.rest.get_or_insert_default().push(running);
-        }
+    pub(crate) fn push(&mut self, running: Running<BoxCallback>) {
+        self.0.get_or_insert_default().push(running);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -313,41 +353,27 @@ impl Callbacks {
 
     /// Polls until a callback ends: `None` when none is left, or pending.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
-        if let Some(first) = &mut self.first {
-            if Pin::new(first).poll(cx).is_ready() {
-                self.first = None;
-                return Poll::Ready(Some(()));
-            }
-        }
-        if let Some(rest) = &mut self.rest {
-            if let Poll::Ready(Some(())) = rest.poll_next_unpin(cx) {
-                return Poll::Ready(Some(()));
-            }
-        }
-        if self.is_empty() {
-            Poll::Ready(None)
-        } else {
-            Poll::Pending
+        match &mut self.0 {
+            Some(running) => running.poll_next_unpin(cx),
+            None => Poll::Ready(None),
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |rest| rest.len())
+        self.0.as_ref().map_or(0, |running| running.len())
     }
 
     /// Stops every callback still running.
     pub(crate) fn stop(&mut self, why: Stop) {
-        let first = self.first.take();
-        let rest = self.rest.take().map(|rest| *rest).unwrap_or_default();
-        for running in first.into_iter().chain(rest) {
-            running.stop(why);
+        for mut running in self.0.take().map(|running| *running).unwrap_or_default() {
+            Pin::new(&mut running).stop(why);
         }
     }
 }
 
-/// Drops a user's callback, catching and logging a panic in its `Drop`.
-fn drop_quietly(callback: BoxCallback, request: &RequestSnapshot, name: Option<&str>) {
-    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(callback))) {
+/// Drops a user's callback with `drop`, catching and logging a panic in its `Drop`.
+fn drop_quietly(drop: impl FnOnce(), request: &RequestSnapshot, name: Option<&str>) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(drop)) {
         log_panic(request, name, panic);
     }
 }

@@ -36,7 +36,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::Span;
 
-use crate::callback::{BoxCallback, Callbacks, Job, Running, Stop, WithContext};
+use crate::callback::{BoxCallback, Callback, Callbacks, Job, Running, Stop, WithContext};
 use crate::context::Finished;
 #[cfg(feature = "lambda")]
 use crate::hold::Invocation;
@@ -114,7 +114,7 @@ impl Inflight {
         inflight.set_budget(config.max_duration);
         if let Some(hook) = &config.on_response {
             let hook = hook.clone();
-            let callback = Box::pin(WithContext::new(move |ctx| hook(ctx)));
+            let callback = WithContext::new(move |ctx| hook(ctx));
             // Refused under overload, like any callback: counted and logged.
             let _ = inflight.register(callback, None, Start::AfterResponse);
         }
@@ -128,9 +128,9 @@ impl Inflight {
 
     /// Registers `callback`, or refuses it when the layer holds its maximum of pending
     /// callbacks (`AfterLayer::max_pending`).
-    pub(crate) fn register(
+    pub(crate) fn register<C: Callback + 'static>(
         self: &Arc<Self>,
-        callback: BoxCallback,
+        callback: C,
         name: Option<Cow<'static, str>>,
         start: Start,
     ) -> Result<(), Overloaded> {
@@ -159,7 +159,20 @@ impl Inflight {
             }
         };
         let span = callback_span(&self.snapshot, name.as_deref());
-        let job = Job::new(callback, span, name, ticket);
+        // A request's first callback rides in a driver of its own, spawned now: one task and no
+        // other allocation. Named ones are queued, where a later registration or `forget` can
+        // still reach them, and so is work registered outside a runtime.
+        if name.is_none() {
+            if let Ok(runtime) = Handle::try_current() {
+                if self.scope.claim() {
+                    let first = Running::new(callback, span, None, ticket, self.context());
+                    let driver = Driver::new(self.clone(), Some(first), start);
+                    runtime.spawn(CURRENT.scope(self.clone(), driver));
+                    return Ok(());
+                }
+            }
+        }
+        let job = Job::new(Box::pin(callback), span, name, ticket);
         let (next, replaced) = self.scope.register(job, start);
         self.act(next);
         if let Some(replaced) = replaced {
@@ -243,7 +256,8 @@ impl Inflight {
             );
             return;
         };
-        runtime.spawn(CURRENT.scope(self.clone(), Driver::new(self.clone())));
+        let driver = Driver::<BoxCallback>::new(self.clone(), None, Start::Now);
+        runtime.spawn(CURRENT.scope(self.clone(), driver));
     }
 
     fn context(self: &Arc<Self>) -> AfterContext {
@@ -302,8 +316,12 @@ impl Finished for Inflight {
 /// The span a callback runs in: its own, with no parent, so that a pending callback never keeps
 /// the request's span open. It *follows from* the span current where it was registered (a link,
 /// in OpenTelemetry's terms), and names the request, so its lines can be traced back to it.
-/// Created only if a subscriber is interested in it.
+/// Created only if a subscriber is interested in it: without one, even a disabled span costs
+/// hundreds of instructions (tracing's `log` fallback, the link, its drop), for every callback.
 fn callback_span(request: &RequestSnapshot, name: Option<&str>) -> Span {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        return Span::none();
+    }
     let span = tracing::info_span!(
         parent: None,
         "after",
@@ -316,18 +334,28 @@ fn callback_span(request: &RequestSnapshot, name: Option<&str>) -> Span {
 }
 
 pin_project! {
-    /// The task that runs one request's work.
-    struct Driver {
+    /// The task that runs one request's work: the callback it was spawned with, if any, inline,
+    /// and whatever it takes from the request's queue.
+    struct Driver<C> {
         inflight: Arc<Inflight>,
-        running: Callbacks,
+        // The callback it was spawned with, until it ended.
+        #[pin]
+        first: Option<Running<C>>,
+        // When `first` may start.
+        start: Start,
+        // Work taken from the queue.
+        rest: Callbacks,
         // Armed only once a callback is still pending after its first poll.
-        waits: Option<Pin<Box<Waits>>>,
+        #[pin]
+        shutdown: Option<WaitForCancellationFutureOwned>,
+        #[pin]
+        budget: Option<Sleep>,
         // Set while Tokio arms the budget's timer, which panics without a time driver.
         arming: bool,
         done: bool,
     }
 
-    impl PinnedDrop for Driver {
+    impl<C> PinnedDrop for Driver<C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // Its invocation no longer waits for it: done, it runs nothing any more; dropped
@@ -342,7 +370,7 @@ pin_project! {
                 return;
             }
             let abandoned = this.inflight.scope.abandon();
-            let count = abandoned.len() + this.running.len();
+            let count = abandoned.len() + this.rest.len() + usize::from(this.first.is_some());
             for job in abandoned {
                 job.end(Ended::Cancelled, &this.inflight.snapshot);
             }
@@ -364,113 +392,152 @@ pin_project! {
     }
 }
 
-pin_project! {
-    /// What a waiting driver waits for, besides its callbacks.
-    struct Waits {
-        #[pin]
-        shutdown: WaitForCancellationFutureOwned,
-        #[pin]
-        budget: Option<Sleep>,
-    }
-}
-
 // Every request with work spawns a driver, and a waiting one holds it for as long as its
-// callbacks run: its size (200 bytes, with the first callback inline) is part of what each
-// pending callback costs, so a change that grows it must be a conscious one.
-const _: () = assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver>>() <= 200);
+// callbacks run: its size, beyond its first callback's, is part of what each pending callback
+// costs, so a change that grows it must be a conscious one.
+const _: () = assert!(
+    std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver<crate::callback::Plain<()>>>>()
+        <= 4400
+);
 
-impl Driver {
-    fn new(inflight: Arc<Inflight>) -> Self {
+impl<C> Driver<C> {
+    fn new(inflight: Arc<Inflight>, first: Option<Running<C>>, start: Start) -> Self {
         #[cfg(feature = "lambda")]
         if let Some(invocation) = &inflight.invocation {
             invocation.enter();
         }
         Self {
             inflight,
-            running: Callbacks::default(),
-            waits: None,
+            first,
+            start,
+            rest: Callbacks::default(),
+            shutdown: None,
+            budget: None,
             arming: false,
             done: false,
         }
     }
 }
 
-impl Future for Driver {
+impl<C: Callback> Future for Driver<C> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
+        let mut this = self.project();
         let inflight: &Arc<Inflight> = this.inflight;
         // A callback that keeps registering work that ends at once would keep this loop busy:
         // hand the thread back now and then.
         for _ in 0..128 {
-            let Some(taken) = inflight.scope.take(cx.waker(), this.running.is_empty()) else {
+            let idle = this.first.is_none() && this.rest.is_empty();
+            let Some(taken) = inflight.scope.take(cx.waker(), idle) else {
                 *this.done = true;
                 return Poll::Ready(());
             };
+            // The first callback waits for the end of the response, unless it is early work.
+            let first_runs =
+                this.first.is_some() && (*this.start == Start::Now || taken.finished());
             for job in taken {
-                let running = Running::new(job, inflight.context(), inflight.limit.as_ref());
-                this.running.push(running);
+                let running = Running::from_job(job, inflight.context(), inflight.limit.as_ref());
+                this.rest.push(running);
+            }
+            if !first_runs && this.rest.is_empty() {
+                if this.first.is_some() {
+                    // Held until the response finishes, which wakes this task.
+                    return Poll::Pending;
+                }
+                continue;
             }
             // Before any callback is polled: work arriving too late never starts, and a callback
             // whose timer fired as its budget or a shutdown's grace ran out does not finish late.
-            if !this.running.is_empty() {
-                if let Some(why) = inflight.stopped() {
-                    return stop(inflight, this.running, this.done, why);
+            if let Some(why) = inflight.stopped() {
+                return stop(inflight, this.first, this.rest, this.done, why);
+            }
+            let mut ended = false;
+            if first_runs {
+                if let Some(mut first) = this.first.as_mut().as_pin_mut() {
+                    first.as_mut().start(inflight.limit.as_ref());
+                    if first.poll(cx).is_ready() {
+                        this.first.set(None);
+                        ended = true;
+                    }
                 }
             }
-            if this.running.poll_next(cx).is_pending() {
-                // Something still runs: wait for it, the budget, or a shutdown.
-                return match wait(inflight, this.waits, this.arming, cx) {
-                    Some(why) => stop(inflight, this.running, this.done, why),
-                    None => Poll::Pending,
-                };
+            match this.rest.poll_next(cx) {
+                Poll::Ready(Some(())) => ended = true,
+                Poll::Ready(None) => {}
+                Poll::Pending => {}
             }
+            if ended || (!first_runs && this.rest.is_empty()) {
+                continue;
+            }
+            // Something still runs: wait for it, the budget, or a shutdown.
+            let waits = Waits {
+                shutdown: this.shutdown.as_mut(),
+                budget: this.budget.as_mut(),
+                arming: this.arming,
+            };
+            return match waits.poll(inflight, cx) {
+                Some(why) => stop(inflight, this.first, this.rest, this.done, why),
+                None => Poll::Pending,
+            };
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
 }
 
-/// Polls the budget's timer and the shutdown token, arming them on first use.
-fn wait(
-    inflight: &Inflight,
-    waits: &mut Option<Pin<Box<Waits>>>,
-    arming: &mut bool,
-    cx: &mut Context<'_>,
-) -> Option<Stop> {
-    let waits = waits.get_or_insert_with(|| {
-        Box::pin(Waits {
-            shutdown: inflight.stop_token().clone().cancelled_owned(),
-            budget: None,
-        })
-    });
-    let mut waits = waits.as_mut().project();
-    if waits.shutdown.as_mut().poll(cx).is_ready() {
-        return inflight.cancelled();
+/// What a waiting driver waits for, besides its callbacks: the request's budget, and a shutdown
+/// (or the end of its invocation). Armed on first use.
+struct Waits<'a> {
+    shutdown: Pin<&'a mut Option<WaitForCancellationFutureOwned>>,
+    budget: Pin<&'a mut Option<Sleep>>,
+    arming: &'a mut bool,
+}
+
+impl Waits<'_> {
+    fn poll(mut self, inflight: &Inflight, cx: &mut Context<'_>) -> Option<Stop> {
+        if self.shutdown.is_none() {
+            let token = inflight.stop_token().clone();
+            self.shutdown.set(Some(token.cancelled_owned()));
+        }
+        let shutdown = self.shutdown.as_mut().as_pin_mut()?;
+        if shutdown.poll(cx).is_ready() {
+            return inflight.cancelled();
+        }
+        // The deadline is known once the response finished; until then only early work runs.
+        let end = inflight.end.get()?;
+        let deadline = end.deadline?;
+        if self.budget.is_none() {
+            *self.arming = true;
+            self.budget.set(Some(tokio::time::sleep_until(deadline)));
+            *self.arming = false;
+        }
+        let sleep = self.budget.as_mut().as_pin_mut()?;
+        sleep
+            .poll(cx)
+            .is_ready()
+            .then_some(Stop::Budget(end.budget))
     }
-    // The deadline is known once the response finished; until then only `wait_until` runs.
-    let end = inflight.end.get()?;
-    let deadline = end.deadline?;
-    if waits.budget.is_none() {
-        *arming = true;
-        waits.budget.set(Some(tokio::time::sleep_until(deadline)));
-        *arming = false;
-    }
-    let sleep = waits.budget.as_pin_mut()?;
-    sleep
-        .poll(cx)
-        .is_ready()
-        .then_some(Stop::Budget(end.budget))
 }
 
 /// Stops every callback of the request that has not ended.
-fn stop(inflight: &Arc<Inflight>, running: &mut Callbacks, done: &mut bool, why: Stop) -> Poll<()> {
+fn stop<C: Callback>(
+    inflight: &Arc<Inflight>,
+    mut first: Pin<&mut Option<Running<C>>>,
+    rest: &mut Callbacks,
+    done: &mut bool,
+    why: Stop,
+) -> Poll<()> {
     *done = true;
-    running.stop(why);
+    if let Some(first) = first.as_mut().as_pin_mut() {
+        first.stop(why);
+    }
+    first.set(None);
+    rest.stop(why);
     for job in inflight.scope.abandon() {
         // Through `Running`, so that it logs like the others.
-        Running::new(job, inflight.context(), None).stop(why);
+        let mut running = Running::from_job(job, inflight.context(), None);
+        Pin::new(&mut running).stop(why);
     }
     Poll::Ready(())
 }
@@ -536,8 +603,8 @@ mod tests {
     /// and reads the response to its end.
     async fn serve(layer: &AfterLayer, register: impl FnOnce(After) + Send + 'static) {
         let register = Mutex::new(Some(register));
-        let service = layer.layer(service_fn(move |request: Request<()>| {
-            let after = request.extensions().get::<After>().unwrap().clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let after = After::current();
             (register.lock().unwrap().take().unwrap())(after);
             async { Ok::<_, Infallible>(Response::new(Body::new())) }
         }));
@@ -659,8 +726,8 @@ mod tests {
         let early = Arc::new(AtomicBool::new(false));
         let late = Arc::new(AtomicBool::new(false));
         let (early_flag, late_flag) = (early.clone(), late.clone());
-        let service = layer.layer(service_fn(move |request: Request<()>| {
-            let after = request.extensions().get::<After>().unwrap().clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let after = After::current();
             let (early_flag, late_flag) = (early_flag.clone(), late_flag.clone());
             after.wait_until(async move { early_flag.store(true, Ordering::SeqCst) });
             after.run(async move { late_flag.store(true, Ordering::SeqCst) });
@@ -727,8 +794,8 @@ mod tests {
         let tasks = layer.tasks();
         let done = Arc::new(AtomicUsize::new(0));
         let (in_time, too_long) = (done.clone(), done.clone());
-        let service = layer.layer(service_fn(move |request: Request<()>| {
-            let after = request.extensions().get::<After>().unwrap().clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let after = After::current();
             let (in_time, too_long) = (in_time.clone(), too_long.clone());
             // 14 s after the start, 9 s after the end of the response: within budget.
             after.wait_until(async move {
@@ -757,16 +824,15 @@ mod tests {
         let tasks = layer.tasks();
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
-        let route =
-            MaxDuration::new(Duration::MAX).layer(service_fn(move |request: Request<()>| {
-                let after = request.extensions().get::<After>().unwrap().clone();
-                let flag = flag.clone();
-                after.run(async move {
-                    tokio::time::sleep(Duration::from_secs(15)).await;
-                    flag.store(true, Ordering::SeqCst);
-                });
-                async { Ok::<_, Infallible>(Response::new(Body::new())) }
-            }));
+        let route = MaxDuration::new(Duration::MAX).layer(service_fn(move |_: Request<()>| {
+            let after = After::current();
+            let flag = flag.clone();
+            after.run(async move {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                flag.store(true, Ordering::SeqCst);
+            });
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }
+        }));
         let mut service = layer.layer(route);
         let response = service.ready().await.unwrap().call(Request::new(())).await;
         response.unwrap().into_body().collect().await.unwrap();
@@ -881,8 +947,8 @@ mod tests {
         let tasks = layer.tasks();
         let (release, released) = oneshot::channel::<()>();
         let released = Mutex::new(Some(released));
-        let service = layer.layer(service_fn(move |request: Request<()>| {
-            let after = request.extensions().get::<After>().unwrap().clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let after = After::current();
             let released = released.lock().unwrap().take().unwrap();
             // As `TraceLayer` would: the request's span covers the handler.
             let span = tracing::info_span!("request");

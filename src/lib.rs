@@ -67,7 +67,8 @@
 //! }
 //! ```
 //!
-//! Without axum, read [`After`] from the request extensions. This crate supports axum 0.8
+//! Without axum, get the request's [`After`] with [`After::current`] in the inner service's
+//! `call` or its future. This crate supports axum 0.8
 //! (through axum-core 0.5), Tower 0.5, hyper 1 and Tokio 1.
 //!
 //! # The mental model
@@ -232,8 +233,8 @@
 //! # Feature flags
 //!
 //! - `axum` (default): `After` is an axum extractor (`After` and `Option<After>`). Without it
-//!   the crate depends only on Tower, `http` and Tokio; read `After` from the request
-//!   extensions.
+//!   the crate depends only on Tower, `http` and Tokio; get the handle with
+//!   [`After::current`].
 //! - `metrics`: publishes the counters of [`AfterTasks::stats`] through the
 //!   [`metrics`](https://docs.rs/metrics) facade, under the names listed at [`AfterStats`].
 //! - `lambda`: the module `lambda`, for AWS Lambda with `lambda_runtime` (see *Serverless: AWS

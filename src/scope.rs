@@ -15,7 +15,6 @@ use std::task::Waker;
 
 #[cfg(loom)]
 use loom::sync::{Mutex, MutexGuard};
-use smallvec::SmallVec;
 #[cfg(not(loom))]
 use std::sync::{Mutex, MutexGuard};
 
@@ -32,8 +31,9 @@ pub(crate) struct Scope<J> {
 struct State<J> {
     finished: bool,
     /// Before the response finished: the work waiting for it. After: work the driver has not
-    /// taken yet. Most requests register one callback, if any: it is kept without an allocation.
-    queue: SmallVec<[J; 1]>,
+    /// taken yet. A request's first callback usually rides in its driver instead
+    /// ([`Scope::claim`]), so this is mostly empty, and costs no allocation then.
+    queue: Vec<J>,
     /// Work registered to start at once (`wait_until`) before the response finished.
     early: Vec<J>,
     driver: Driver,
@@ -73,7 +73,7 @@ impl<J: Named> Scope<J> {
         Self {
             state: Mutex::new(State {
                 finished: false,
-                queue: SmallVec::new(),
+                queue: Vec::new(),
                 early: Vec::new(),
                 driver: Driver::Absent,
             }),
@@ -86,6 +86,21 @@ impl<J: Named> Scope<J> {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes the caller the request's driver if it has none, so that it spawns one that carries
+    /// its job itself, instead of queueing it: `true` if so. The new driver takes queued work
+    /// like any other, and must hold a job meant for after the response until
+    /// [`Taken::finished`] says so.
+    pub(crate) fn claim(&self) -> bool {
+        let mut state = self.state();
+        match state.driver {
+            Driver::Absent => {
+                state.driver = Driver::Present(None);
+                true
+            }
+            Driver::Present(_) => false,
+        }
     }
 
     /// Adds `job`. A named job replaces a queued job of the same name, which is returned.
@@ -134,10 +149,11 @@ impl<J: Named> Scope<J> {
     pub(crate) fn take(&self, waker: &Waker, idle: bool) -> Option<Taken<J>> {
         let mut state = self.state();
         let early = mem::take(&mut state.early);
-        let queue = if state.finished {
+        let finished = state.finished;
+        let queue = if finished {
             mem::take(&mut state.queue)
         } else {
-            SmallVec::new()
+            Vec::new()
         };
         if idle && early.is_empty() && queue.is_empty() {
             state.driver = Driver::Absent;
@@ -147,7 +163,11 @@ impl<J: Named> Scope<J> {
             Driver::Present(Some(current)) if current.will_wake(waker) => {}
             driver => *driver = Driver::Present(Some(waker.clone())),
         }
-        Some(Taken { early, queue })
+        Some(Taken {
+            early,
+            queue,
+            finished,
+        })
     }
 
     /// For a driver that stops before its work is done (cancelled): everything it could still
@@ -156,12 +176,17 @@ impl<J: Named> Scope<J> {
         let mut state = self.state();
         state.driver = Driver::Absent;
         let early = mem::take(&mut state.early);
-        let queue = if state.finished {
+        let finished = state.finished;
+        let queue = if finished {
             mem::take(&mut state.queue)
         } else {
-            SmallVec::new()
+            Vec::new()
         };
-        Taken { early, queue }
+        Taken {
+            early,
+            queue,
+            finished,
+        }
     }
 }
 
@@ -186,18 +211,24 @@ impl<J: Named> State<J> {
 /// Work handed to a driver, in registration order within each kind.
 pub(crate) struct Taken<J> {
     early: Vec<J>,
-    queue: SmallVec<[J; 1]>,
+    queue: Vec<J>,
+    finished: bool,
 }
 
 impl<J> Taken<J> {
     pub(crate) fn len(&self) -> usize {
         self.early.len() + self.queue.len()
     }
+
+    /// Whether the response had finished: work held for after it may start.
+    pub(crate) fn finished(&self) -> bool {
+        self.finished
+    }
 }
 
 impl<J> IntoIterator for Taken<J> {
     type Item = J;
-    type IntoIter = std::iter::Chain<std::vec::IntoIter<J>, smallvec::IntoIter<[J; 1]>>;
+    type IntoIter = std::iter::Chain<std::vec::IntoIter<J>, std::vec::IntoIter<J>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.early.into_iter().chain(self.queue)

@@ -105,6 +105,19 @@ impl World {
         self.act(next);
     }
 
+    /// Registers `job` the way the crate does: an unnamed job claims a driver of its own if
+    /// there is none, and rides in it; any other is queued.
+    fn register_claiming(&self, job: Job) {
+        if job.name.is_none() && self.scope.claim() {
+            self.drivers.fetch_add(1, Ordering::SeqCst);
+            let world = self.clone();
+            let handle = thread::spawn(move || world.drive_carrying(job));
+            self.spawned.lock().unwrap().push(handle);
+        } else {
+            self.register(job);
+        }
+    }
+
     fn forget(&self, name: &str) {
         if let Some(job) = self.scope.forget(name) {
             self.dropped.lock().unwrap().push(job.id);
@@ -174,6 +187,54 @@ impl World {
                 break;
             }
             unpark.wait();
+        }
+        self.drivers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A driver spawned with its first job, which it holds until the state says the response
+    /// finished (unless it is early work), parking until woken meanwhile: a wake-up the state
+    /// fails to ask for leaves it parked for good, which loom reports as a deadlock.
+    fn drive_carrying(&self, first: Job) {
+        let unpark = Arc::new(Notify::new());
+        let waker = Waker::from(std::sync::Arc::new(Unpark(unpark.clone())));
+        let mut first = Some(first);
+        loop {
+            let Some(taken) = self.scope.take(&waker, first.is_none()) else {
+                break;
+            };
+            let finished = taken.finished();
+            let overlap = self.busy.swap(true, Ordering::SeqCst);
+            assert!(!overlap, "two drivers hold work at once");
+            let took = taken.len();
+            for job in taken {
+                if job.start == Start::AfterResponse {
+                    assert!(
+                        finished,
+                        "job {} taken before the response finished",
+                        job.id
+                    );
+                }
+                self.ran.lock().unwrap().push(job.id);
+            }
+            let held = first
+                .as_ref()
+                .is_some_and(|job| job.start == Start::AfterResponse && !finished);
+            if !held {
+                if let Some(job) = first.take() {
+                    if job.start == Start::AfterResponse {
+                        assert!(
+                            self.finished.load(Ordering::SeqCst),
+                            "job {} started before the response finished",
+                            job.id
+                        );
+                    }
+                    self.ran.lock().unwrap().push(job.id);
+                }
+            }
+            self.busy.store(false, Ordering::SeqCst);
+            if held && took == 0 {
+                unpark.wait();
+            }
         }
         self.drivers.fetch_sub(1, Ordering::SeqCst);
     }
@@ -288,5 +349,53 @@ fn the_end_and_late_work_wake_a_waiting_driver() {
         finisher.join().unwrap();
         driver.join().unwrap();
         world.settle(&[1, 2, 3]);
+    });
+}
+
+#[test]
+fn a_driver_carrying_its_first_job_holds_it_until_the_end() {
+    loom::model(|| {
+        let world = World::new();
+        let handler = {
+            let world = world.clone();
+            thread::spawn(move || {
+                // Claims a driver that carries job 1; job 2 is queued for it.
+                world.register_claiming(job(1, Start::AfterResponse));
+                world.register_claiming(job(2, Start::AfterResponse));
+            })
+        };
+        world.finish();
+        handler.join().unwrap();
+        world.settle(&[1, 2]);
+    });
+}
+
+#[test]
+fn a_carried_job_after_the_driver_retired_claims_a_new_one() {
+    loom::model(|| {
+        let world = World::new();
+        world.register_claiming(job(1, Start::Now));
+        let finisher = {
+            let world = world.clone();
+            thread::spawn(move || world.finish())
+        };
+        // Late work: claims a new driver if the first retired, or is queued for it otherwise.
+        world.register_claiming(job(2, Start::AfterResponse));
+        finisher.join().unwrap();
+        world.settle(&[1, 2]);
+    });
+}
+
+#[test]
+fn the_end_wakes_a_driver_holding_its_only_job() {
+    loom::model(|| {
+        let world = World::new();
+        let handler = {
+            let world = world.clone();
+            thread::spawn(move || world.register_claiming(job(1, Start::AfterResponse)))
+        };
+        world.finish();
+        handler.join().unwrap();
+        world.settle(&[1]);
     });
 }
