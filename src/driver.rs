@@ -345,11 +345,9 @@ pin_project! {
         start: Start,
         // Work taken from the queue.
         rest: Callbacks,
-        // Armed only once a callback is still pending after its first poll.
-        #[pin]
-        shutdown: Option<WaitForCancellationFutureOwned>,
-        #[pin]
-        budget: Option<Sleep>,
+        // Armed only once a callback is still pending after its first poll: boxed, so that a
+        // driver whose callbacks end at once is spawned smaller.
+        waits: Option<Pin<Box<Waits>>>,
         // Set while Tokio arms the budget's timer, which panics without a time driver.
         arming: bool,
         done: bool,
@@ -411,8 +409,7 @@ impl<C> Driver<C> {
             first,
             start,
             rest: Callbacks::default(),
-            shutdown: None,
-            budget: None,
+            waits: None,
             arming: false,
             done: false,
         }
@@ -471,12 +468,7 @@ impl<C: Callback> Future for Driver<C> {
                 continue;
             }
             // Something still runs: wait for it, the budget, or a shutdown.
-            let waits = Waits {
-                shutdown: this.shutdown.as_mut(),
-                budget: this.budget.as_mut(),
-                arming: this.arming,
-            };
-            return match waits.poll(inflight, cx) {
+            return match wait(inflight, this.waits, this.arming, cx) {
                 Some(why) => stop(inflight, this.first, this.rest, this.done, why),
                 None => Poll::Pending,
             };
@@ -486,38 +478,47 @@ impl<C: Callback> Future for Driver<C> {
     }
 }
 
-/// What a waiting driver waits for, besides its callbacks: the request's budget, and a shutdown
-/// (or the end of its invocation). Armed on first use.
-struct Waits<'a> {
-    shutdown: Pin<&'a mut Option<WaitForCancellationFutureOwned>>,
-    budget: Pin<&'a mut Option<Sleep>>,
-    arming: &'a mut bool,
+pin_project! {
+    /// What a waiting driver waits for, besides its callbacks: the request's budget, and a
+    /// shutdown (or the end of its invocation).
+    struct Waits {
+        #[pin]
+        shutdown: WaitForCancellationFutureOwned,
+        #[pin]
+        budget: Option<Sleep>,
+    }
 }
 
-impl Waits<'_> {
-    fn poll(mut self, inflight: &Inflight, cx: &mut Context<'_>) -> Option<Stop> {
-        if self.shutdown.is_none() {
-            let token = inflight.stop_token().clone();
-            self.shutdown.set(Some(token.cancelled_owned()));
-        }
-        let shutdown = self.shutdown.as_mut().as_pin_mut()?;
-        if shutdown.poll(cx).is_ready() {
-            return inflight.cancelled();
-        }
-        // The deadline is known once the response finished; until then only early work runs.
-        let end = inflight.end.get()?;
-        let deadline = end.deadline?;
-        if self.budget.is_none() {
-            *self.arming = true;
-            self.budget.set(Some(tokio::time::sleep_until(deadline)));
-            *self.arming = false;
-        }
-        let sleep = self.budget.as_mut().as_pin_mut()?;
-        sleep
-            .poll(cx)
-            .is_ready()
-            .then_some(Stop::Budget(end.budget))
+/// Polls the budget's timer and the shutdown token, arming them on first use.
+fn wait(
+    inflight: &Inflight,
+    waits: &mut Option<Pin<Box<Waits>>>,
+    arming: &mut bool,
+    cx: &mut Context<'_>,
+) -> Option<Stop> {
+    let waits = waits.get_or_insert_with(|| {
+        Box::pin(Waits {
+            shutdown: inflight.stop_token().clone().cancelled_owned(),
+            budget: None,
+        })
+    });
+    let mut waits = waits.as_mut().project();
+    if waits.shutdown.as_mut().poll(cx).is_ready() {
+        return inflight.cancelled();
     }
+    // The deadline is known once the response finished; until then only early work runs.
+    let end = inflight.end.get()?;
+    let deadline = end.deadline?;
+    if waits.budget.is_none() {
+        *arming = true;
+        waits.budget.set(Some(tokio::time::sleep_until(deadline)));
+        *arming = false;
+    }
+    let sleep = waits.budget.as_pin_mut()?;
+    sleep
+        .poll(cx)
+        .is_ready()
+        .then_some(Stop::Budget(end.budget))
 }
 
 /// Stops every callback of the request that has not ended.
