@@ -645,6 +645,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_named_callback_still_starts_before_a_later_unnamed_one() {
+        let layer = AfterLayer::new();
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let log = started.clone();
+        serve(&layer, move |after| {
+            let first = log.clone();
+            after.run_named(
+                "audit",
+                move |_| async move { first.lock().unwrap().push(1) },
+            );
+            let second = log.clone();
+            after.run(async move { second.lock().unwrap().push(2) });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(*started.lock().unwrap(), [1, 2]);
+    }
+
+    #[tokio::test]
     async fn a_panicking_callback_is_logged_and_the_others_still_run() {
         let logs = Logs::capture();
         let layer = AfterLayer::new();

@@ -92,15 +92,18 @@ impl<J: Named> Scope<J> {
     /// its job itself, instead of queueing it: `true` if so. The new driver takes queued work
     /// like any other, and must hold a job meant for after the response until
     /// [`Taken::finished`] says so.
+    ///
+    /// Only with nothing queued: a driver starts what it carries before what it takes, so
+    /// carrying a job behind queued ones would start it out of registration order.
     pub(crate) fn claim(&self) -> bool {
         let mut state = self.state();
-        match state.driver {
-            Driver::Absent => {
-                state.driver = Driver::Present(None);
-                true
-            }
-            Driver::Present(_) => false,
+        let claimed = matches!(state.driver, Driver::Absent)
+            && state.queue.is_empty()
+            && state.early.is_empty();
+        if claimed {
+            state.driver = Driver::Present(None);
         }
+        claimed
     }
 
     /// Adds `job`. A named job replaces a queued job of the same name, which is returned.
