@@ -39,8 +39,8 @@ fn handler(
     callbacks: usize,
 ) -> impl Service<Request<RequestBody>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
 {
-    service_fn(move |_: Request<RequestBody>| {
-        if let Some(after) = After::try_current() {
+    service_fn(move |request: Request<RequestBody>| {
+        if let Some(after) = request.extensions().get::<After>() {
             for _ in 0..callbacks {
                 after.run(async {});
             }
@@ -99,8 +99,8 @@ fn per_request(c: &mut Criterion) {
 fn open_request(
     runtime: &tokio::runtime::Runtime,
 ) -> (After, Response<tower_after::AfterBody<Full<Bytes>>>) {
-    let service = AfterLayer::new().layer(service_fn(|_: Request<RequestBody>| {
-        let after = After::current();
+    let service = AfterLayer::new().layer(service_fn(|request: Request<RequestBody>| {
+        let after = request.extensions().get::<After>().unwrap().clone();
         async move {
             let mut response = Response::new(Full::new(Bytes::new()));
             response.extensions_mut().insert(after);

@@ -7,7 +7,7 @@
 //! then `curl http://127.0.0.1:3000/`.
 //!
 //! Without axum: a plain Tower service served by hyper. The crate builds without its `axum`
-//! feature; the request's `After` handle is `After::try_current()` (or `current()`).
+//! feature; the request's `After` handle is in the request extensions.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -22,9 +22,9 @@ use hyper_util::service::TowerToHyperService;
 use tower::{service_fn, ServiceBuilder};
 use tower_after::{After, AfterLayer};
 
-async fn hello(_request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    // Under `AfterLayer`, the request being served has a handle.
-    if let Some(later) = After::try_current() {
+async fn hello(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    // `AfterLayer` put the handle there.
+    if let Some(later) = request.extensions().get::<After>() {
         later.run_with(|ctx| async move {
             tracing::info!(
                 method = %ctx.request().method(),

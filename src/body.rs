@@ -39,7 +39,7 @@ pin_project! {
     /// let layer = AfterLayer::new();
     /// let tasks = layer.tasks();
     /// let service = layer.layer(service_fn(|request: Request<()>| async move {
-    ///     After::current().run(async {});
+    ///     request.extensions().get::<After>().unwrap().run(async {});
     ///     Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("hello"))))
     /// }));
     /// let body = service.oneshot(Request::new(())).await.unwrap().into_body();
@@ -451,7 +451,8 @@ mod tests {
     }
 
     /// Serves one request on a runtime that is then dropped, with a handler that registers
-    /// one callback through `register`, and returns the response, not yet read.
+    /// one callback through `register` from the request's task, and returns the response, not
+    /// yet read.
     fn served_on_a_dropped_runtime(
         layer: &AfterLayer,
         register: fn(After, Seen),
@@ -463,8 +464,12 @@ mod tests {
             .unwrap();
         let seen = seen.clone();
         let service = layer.layer(service_fn(move |_: Request<()>| {
-            register(After::current(), seen.clone());
-            async { Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("x")))) }
+            let seen = seen.clone();
+            async move {
+                // From the request's own task, as a handler registers.
+                register(After::current(), seen);
+                Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("x"))))
+            }
         }));
         let response = runtime.block_on(service.oneshot(Request::new(()))).unwrap();
         drop(runtime);

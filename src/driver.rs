@@ -2,10 +2,15 @@
 //!
 //! Each request that registers work gets at most one *driver* at a time: a Tokio task that starts
 //! the callbacks in registration order, polls them concurrently, and stops them when the
-//! request's budget or a shutdown's grace runs out. It is spawned when there is something to run
-//! (the response finished with work queued, or a `wait_until` future arrived) and retires as soon
-//! as it has nothing left, so requests without callbacks never spawn anything. Work that arrives
-//! after it retired spawns a new one. This is the only module that spawns.
+//! request's budget or a shutdown's grace runs out. Requests without callbacks never spawn one.
+//!
+//! The common case, one callback registered by the handler, costs one task and nothing else: the
+//! first callback registered from the request's own task, with nothing queued before it, is
+//! spawned at once as a driver that carries it inline (`Driver<C>`, generic over it) and holds it
+//! until the response has finished. Other work is boxed and queued in the request's scope: a
+//! driver that exists takes it, and otherwise one is spawned where the response finishes (or at
+//! once, for `wait_until`). A driver retires as soon as it has nothing left; work that arrives
+//! later spawns a new one. This is the only module that spawns.
 //!
 //! A driver arms its timers only once it actually has to wait: a Tokio `Sleep` for the budget,
 //! and a waiter on the layer's shutdown token. Callbacks that end on their first poll (a log
@@ -160,9 +165,11 @@ impl Inflight {
         };
         let span = callback_span(&self.snapshot, name.as_deref());
         // A request's first callback rides in a driver of its own, spawned now: one task and no
-        // other allocation. Named ones are queued, where a later registration or `forget` can
-        // still reach them, and so is work registered outside a runtime.
-        if name.is_none() {
+        // other allocation. Only from the request's own task (its handler, or its callbacks), so
+        // that the driver lives on the runtime that serves the request, not on a temporary or
+        // timer-less one that some helper registered from. Named ones are queued, where a later
+        // registration or `forget` can still reach them, and so is work registered elsewhere.
+        if name.is_none() && self.is_current() {
             if let Ok(runtime) = Handle::try_current() {
                 if self.scope.claim() {
                     let first = Running::new(callback, span, None, ticket, self.context());
@@ -258,6 +265,13 @@ impl Inflight {
         };
         let driver = Driver::<BoxCallback>::new(self.clone(), None, Start::Now);
         runtime.spawn(CURRENT.scope(self.clone(), driver));
+    }
+
+    /// Whether this is the request whose task is being polled.
+    fn is_current(self: &Arc<Self>) -> bool {
+        CURRENT
+            .try_with(|current| Arc::ptr_eq(current, self))
+            .unwrap_or(false)
     }
 
     fn context(self: &Arc<Self>) -> AfterContext {
@@ -391,14 +405,14 @@ pin_project! {
 }
 
 // Every request with work spawns a driver, and a waiting one holds it for as long as its
-// callbacks run: its size beyond its first callback's (192 bytes, with a one-byte callback) is
-// part of what each pending callback costs, and Tokio allocates task cells in steps of 128
-// bytes, so a change that grows it must be a conscious one.
-const _: () = assert!(
-    std::mem::size_of::<
-        TaskLocalFuture<Arc<Inflight>, Driver<crate::callback::Plain<std::future::Ready<()>>>>,
-    >() <= 192
-);
+// callbacks run: its size is part of what each pending callback costs, and Tokio allocates task
+// cells in steps of 128 bytes, so a change that grows it must be a conscious one. Carrying a
+// one-byte callback, it takes 192 bytes; spawned for queued work only, 208.
+const _: () = {
+    type Carrying = Driver<crate::callback::Plain<std::future::Ready<()>>>;
+    assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Carrying>>() <= 192);
+    assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver<BoxCallback>>>() <= 208);
+};
 
 impl<C> Driver<C> {
     fn new(inflight: Arc<Inflight>, first: Option<Running<C>>, start: Start) -> Self {
@@ -606,8 +620,8 @@ mod tests {
     /// and reads the response to its end.
     async fn serve(layer: &AfterLayer, register: impl FnOnce(After) + Send + 'static) {
         let register = Mutex::new(Some(register));
-        let service = layer.layer(service_fn(move |_: Request<()>| {
-            let after = After::current();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
             (register.lock().unwrap().take().unwrap())(after);
             async { Ok::<_, Infallible>(Response::new(Body::new())) }
         }));
@@ -748,8 +762,8 @@ mod tests {
         let early = Arc::new(AtomicBool::new(false));
         let late = Arc::new(AtomicBool::new(false));
         let (early_flag, late_flag) = (early.clone(), late.clone());
-        let service = layer.layer(service_fn(move |_: Request<()>| {
-            let after = After::current();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
             let (early_flag, late_flag) = (early_flag.clone(), late_flag.clone());
             after.wait_until(async move { early_flag.store(true, Ordering::SeqCst) });
             after.run(async move { late_flag.store(true, Ordering::SeqCst) });
@@ -816,8 +830,8 @@ mod tests {
         let tasks = layer.tasks();
         let done = Arc::new(AtomicUsize::new(0));
         let (in_time, too_long) = (done.clone(), done.clone());
-        let service = layer.layer(service_fn(move |_: Request<()>| {
-            let after = After::current();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
             let (in_time, too_long) = (in_time.clone(), too_long.clone());
             // 14 s after the start, 9 s after the end of the response: within budget.
             after.wait_until(async move {
@@ -846,15 +860,16 @@ mod tests {
         let tasks = layer.tasks();
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
-        let route = MaxDuration::new(Duration::MAX).layer(service_fn(move |_: Request<()>| {
-            let after = After::current();
-            let flag = flag.clone();
-            after.run(async move {
-                tokio::time::sleep(Duration::from_secs(15)).await;
-                flag.store(true, Ordering::SeqCst);
-            });
-            async { Ok::<_, Infallible>(Response::new(Body::new())) }
-        }));
+        let route =
+            MaxDuration::new(Duration::MAX).layer(service_fn(move |request: Request<()>| {
+                let after = request.extensions().get::<After>().unwrap().clone();
+                let flag = flag.clone();
+                after.run(async move {
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    flag.store(true, Ordering::SeqCst);
+                });
+                async { Ok::<_, Infallible>(Response::new(Body::new())) }
+            }));
         let mut service = layer.layer(route);
         let response = service.ready().await.unwrap().call(Request::new(())).await;
         response.unwrap().into_body().collect().await.unwrap();
@@ -969,8 +984,8 @@ mod tests {
         let tasks = layer.tasks();
         let (release, released) = oneshot::channel::<()>();
         let released = Mutex::new(Some(released));
-        let service = layer.layer(service_fn(move |_: Request<()>| {
-            let after = After::current();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
             let released = released.lock().unwrap().take().unwrap();
             // As `TraceLayer` would: the request's span covers the handler.
             let span = tracing::info_span!("request");

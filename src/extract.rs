@@ -18,8 +18,12 @@ where
 {
     type Rejection = MissingAfterLayer;
 
-    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        After::try_current().ok_or(MissingAfterLayer)
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<After>()
+            .cloned()
+            .ok_or(MissingAfterLayer)
     }
 }
 
@@ -31,10 +35,10 @@ where
     type Rejection = Infallible;
 
     async fn from_request_parts(
-        _parts: &mut Parts,
+        parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Ok(After::try_current())
+        Ok(parts.extensions.get::<After>().cloned())
     }
 }
 

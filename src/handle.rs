@@ -15,8 +15,8 @@ use crate::{AfterContext, RequestSnapshot};
 /// Schedules work to run after the current request's response has been sent.
 ///
 /// `After` is the handle of one request inside [`AfterLayer`](crate::AfterLayer). Get it as an
-/// axum extractor, or with [`After::current`] anywhere the request is being served (plain Tower
-/// or hyper: in the inner service's `call` and its future). It is cheap to clone, and
+/// axum extractor, from the request extensions (plain Tower or hyper), or with
+/// [`After::current`] wherever the request's response future is polled. It is cheap to clone, and
 /// a clone can be moved into spawned tasks and callbacks: work registered through it always
 /// belongs to its request, even when registered after the response is gone.
 ///
@@ -59,14 +59,14 @@ use crate::{AfterContext, RequestSnapshot};
 /// let app: Router = Router::new().route("/checkout", post(checkout)).layer(AfterLayer::new());
 /// ```
 ///
-/// Without axum, ask for the current one:
+/// Without axum, read it from the request extensions:
 ///
 /// ```
 /// use http::{Request, Response};
 /// use tower_after::After;
 ///
-/// async fn handle(_request: Request<String>) -> Result<Response<String>, std::convert::Infallible> {
-///     if let Some(later) = After::try_current() {
+/// async fn handle(request: Request<String>) -> Result<Response<String>, std::convert::Infallible> {
+///     if let Some(later) = request.extensions().get::<After>() {
 ///         later.run(async { println!("response sent") });
 ///     }
 ///     Ok(Response::new("hello".to_owned()))
@@ -98,13 +98,13 @@ impl After {
 
     /// The current request's handle.
     ///
-    /// Works anywhere the request is being served under [`AfterLayer`](crate::AfterLayer): in
-    /// the inner service's `call` and while its response future is polled, so in the handler and
-    /// everything it calls or awaits, in middleware inside the layer (synchronous or
-    /// future-based, such as axum's `from_fn`), and in the request's callbacks themselves. A task
-    /// the handler spawns with `tokio::spawn` is outside that scope: move a clone of the handle
-    /// into it. (The handle is not in the request extensions: putting it there would cost every
-    /// request an allocation, and behind axum's router a rehash of the extension map.)
+    /// Works anywhere the request's response future is being polled under
+    /// [`AfterLayer`](crate::AfterLayer): in the handler and everything it calls or awaits, in
+    /// middleware inside the layer (axum's `from_fn` and any future-based middleware), and in the
+    /// request's callbacks themselves. Two places are outside that scope: a task the handler
+    /// spawns with `tokio::spawn` (move a clone of the handle into it instead), and code that runs
+    /// synchronously in an inner `Service::call` (read the handle from the request extensions
+    /// there).
     ///
     /// # Panics
     ///

@@ -353,8 +353,8 @@ mod tests {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let app = layer.layer(service_fn(move |_: Request<()>| {
-            let after = After::current();
+        let app = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
             after.run(callback());
             async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
         }));

@@ -323,7 +323,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        match After::try_current() {
+        match request.extensions().get::<After>() {
             Some(after) => after.set_budget(self.max_duration),
             None => warn_misplaced(),
         }

@@ -67,8 +67,7 @@
 //! }
 //! ```
 //!
-//! Without axum, get the request's [`After`] with [`After::current`] in the inner service's
-//! `call` or its future. This crate supports axum 0.8
+//! Without axum, read [`After`] from the request extensions. This crate supports axum 0.8
 //! (through axum-core 0.5), Tower 0.5, hyper 1 and Tokio 1.
 //!
 //! # The mental model
@@ -207,8 +206,12 @@
 //! the runtime builder; `#[tokio::main]` and `#[tokio::test]` enable it). Without it, a callback
 //! that has to wait makes Tokio panic in its driver task (naming `enable_time`; your panic hook
 //! sees it, and under `panic = "abort"` the process aborts), and the request's callbacks are
-//! cancelled with an error in the log. A response finished on a thread without a
-//! runtime has its callbacks dropped, with an error in the log, rather than a panic.
+//! cancelled with an error in the log. Callbacks run on the runtime that serves the request: a
+//! request's first callback, registered from its own task, is spawned there at once as its own
+//! task and waits for the response; others get a task where the response finishes. If that
+//! runtime shuts down first, they are cancelled with a warning; a response finished on a thread
+//! without a runtime has its waiting callbacks dropped, with an error in the log, rather than a
+//! panic.
 //!
 //! # Tracing
 //!
@@ -233,8 +236,8 @@
 //! # Feature flags
 //!
 //! - `axum` (default): `After` is an axum extractor (`After` and `Option<After>`). Without it
-//!   the crate depends only on Tower, `http` and Tokio; get the handle with
-//!   [`After::current`].
+//!   the crate depends only on Tower, `http` and Tokio; read `After` from the request
+//!   extensions.
 //! - `metrics`: publishes the counters of [`AfterTasks::stats`] through the
 //!   [`metrics`](https://docs.rs/metrics) facade, under the names listed at [`AfterStats`].
 //! - `lambda`: the module `lambda`, for AWS Lambda with `lambda_runtime` (see *Serverless: AWS

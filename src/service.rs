@@ -11,7 +11,7 @@ use crate::body::Finisher;
 use crate::driver::{Config, Inflight, CURRENT};
 use crate::future::ResponseFuture;
 use crate::tasks::Shared;
-use crate::{AfterBody, Completion, RequestSnapshot};
+use crate::{After, AfterBody, Completion, RequestSnapshot};
 
 /// Middleware that lets the requests it serves schedule work for after their response.
 ///
@@ -26,8 +26,8 @@ use crate::{AfterBody, Completion, RequestSnapshot};
 ///
 /// let service = ServiceBuilder::new()
 ///     .layer(AfterLayer::new())
-///     .service(service_fn(|_request: Request<String>| async move {
-///         if let Some(later) = After::try_current() {
+///     .service(service_fn(|request: Request<String>| async move {
+///         if let Some(later) = request.extensions().get::<After>() {
 ///             later.run(async { /* after the response */ });
 ///         }
 ///         Ok::<_, Infallible>(Response::new(String::from("hello")))
@@ -79,16 +79,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let snapshot = RequestSnapshot::new(&request);
         let inflight = Inflight::open(snapshot, &self.shared, &self.config);
+        request
+            .extensions_mut()
+            .insert(After::new(inflight.clone()));
         // Before the inner call: if it panics, unwinding drops the finisher, which fails the
         // request, so that work registered in `call` still runs.
         let mut finisher = Finisher::new(inflight.clone());
-        // The request's `After` is reached through the task-local, in the inner `call` as in its
-        // future: an extension would cost a boxed value and, behind axum's router, a rehash of
-        // the request's extension map, for every request.
-        let inner = CURRENT.sync_scope(inflight.clone(), || self.inner.call(request));
+        let inner = self.inner.call(request);
         finisher.on_drop(Completion::Aborted);
         ResponseFuture::new(CURRENT.scope(inflight, inner), finisher)
     }
@@ -193,17 +193,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_handle_reaches_the_inner_call_and_the_whole_handler_future() {
+    async fn the_handle_reaches_extensions_and_the_whole_handler_future() {
         let layer = AfterLayer::new();
         let deep = Arc::new(AtomicBool::new(false));
         let flag = deep.clone();
-        let service = layer.layer(service_fn(move |_: Request<()>| {
-            // In `call` itself, as synchronous middleware would.
-            let in_call = After::current();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            // In `call` itself, synchronous middleware reads the extension.
+            let extension = request.extensions().get::<After>().unwrap().clone();
             let flag = flag.clone();
             async move {
                 // In the future, the task-local is the same request.
-                assert!(After::current().same_request(&in_call));
+                assert!(After::current().same_request(&extension));
                 deep_in_the_call_tree(flag).await;
                 Ok::<_, Infallible>(Response::new(Body::new()))
             }

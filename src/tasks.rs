@@ -758,8 +758,8 @@ mod tests {
     ) {
         for _ in 0..count {
             let done = done.clone();
-            let service = layer.layer(service_fn(move |_: Request<()>| {
-                let after = After::current();
+            let service = layer.layer(service_fn(move |request: Request<()>| {
+                let after = request.extensions().get::<After>().unwrap().clone();
                 let done = done.clone();
                 after.run(async move {
                     tokio::time::sleep(sleep).await;
@@ -837,8 +837,8 @@ mod tests {
     async fn stats_count_each_ending_once() {
         let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
         let tasks = layer.tasks();
-        let service = layer.layer(service_fn(|_: Request<()>| {
-            let after = After::current();
+        let service = layer.layer(service_fn(|request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
             after.run(async {});
             after.run(async { panic!("counted, not fatal") });
             after.run(tokio::time::sleep(Duration::from_secs(10)));

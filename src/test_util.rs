@@ -53,11 +53,11 @@ where
     F: Fn() -> Response<B> + Clone,
 {
     let seen = seen.clone();
-    layer.layer(service_fn(move |_: Request<()>| {
+    layer.layer(service_fn(move |request: Request<()>| {
         let seen = seen.clone();
         let respond = respond.clone();
         async move {
-            let after = After::current();
+            let after = request.extensions().get::<After>().unwrap().clone();
             after.run_with(move |ctx| async move { seen.record(*ctx.outcome()) });
             Ok::<_, Infallible>(respond())
         }

@@ -36,20 +36,24 @@ fn read_through_layer(request: Request<()>) -> Read {
         .unwrap();
     let (tx, rx) = mpsc::channel();
     runtime.block_on(async move {
-        let service = AfterLayer::new().layer(service_fn(move |_: Request<()>| {
+        let service = AfterLayer::new().layer(service_fn(move |request: Request<()>| {
             let tx = tx.clone();
-            After::current().run_with(move |ctx| async move {
-                let snapshot = ctx.request();
-                let read = Read {
-                    needle: snapshot.cookie(NEEDLE).map(str::to_owned),
-                    cookies: snapshot.cookies().count(),
-                    headers: snapshot.headers().len(),
-                    debug_len: format!("{snapshot:?}").len(),
-                };
-                let _ = snapshot.header("cookie");
-                let _ = snapshot.uri().path();
-                tx.send(read).unwrap();
-            });
+            request
+                .extensions()
+                .get::<After>()
+                .unwrap()
+                .run_with(move |ctx| async move {
+                    let snapshot = ctx.request();
+                    let read = Read {
+                        needle: snapshot.cookie(NEEDLE).map(str::to_owned),
+                        cookies: snapshot.cookies().count(),
+                        headers: snapshot.headers().len(),
+                        debug_len: format!("{snapshot:?}").len(),
+                    };
+                    let _ = snapshot.header("cookie");
+                    let _ = snapshot.uri().path();
+                    tx.send(read).unwrap();
+                });
             async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
         }));
         let response = service.oneshot(request).await.unwrap();

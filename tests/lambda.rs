@@ -450,8 +450,8 @@ async fn an_invocation_that_registers_nothing_waits_for_nothing() {
     let (gate, outside_journal) = (setup.gate.clone(), journal.clone());
     let outside = setup
         .layer
-        .layer(tower::service_fn(move |_: http::Request<Body>| {
-            let after = After::current();
+        .layer(tower::service_fn(move |request: http::Request<Body>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
             let (gate, journal) = (gate.clone(), outside_journal.clone());
             after.run(async move {
                 journal.push(entry(Entry::Started, "outside"));

@@ -1,5 +1,6 @@
 //! Paths a production server takes that the happy path does not: a panic inside a synchronous
-//! `Service::call`, and shutdowns that must keep their deadline whatever the callbacks do.
+//! `Service::call`, shutdowns that must keep their deadline whatever the callbacks do, and
+//! handles carried to other tasks and runtimes.
 //!
 //! Each test bounds a wait the crate promises (a shutdown's grace), so it measures elapsed time,
 //! with a margin far above any scheduling noise: the callbacks involved block for seconds.
@@ -38,8 +39,8 @@ impl Service<Request<()>> for PanicsInCall {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _request: Request<()>) -> Self::Future {
-        let after = After::current();
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let after = request.extensions().get::<After>().unwrap();
         let seen = self.seen.clone();
         after.run_with(move |ctx| async move {
             seen.lock().unwrap().push(ctx.outcome().completion());
@@ -65,8 +66,8 @@ async fn a_panic_in_a_synchronous_call_still_runs_the_work_as_failed() {
 /// its response to the end, so that the work starts.
 async fn serve(layer: &AfterLayer, register: impl FnOnce(&After) + Send + 'static) {
     let register = Mutex::new(Some(register));
-    let service = layer.layer(tower::service_fn(move |_: Request<()>| {
-        let after = After::current();
+    let service = layer.layer(tower::service_fn(move |request: Request<()>| {
+        let after = request.extensions().get::<After>().unwrap().clone();
         (register.lock().unwrap().take().unwrap())(&after);
         async { Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())) }
     }));
@@ -349,4 +350,98 @@ async fn a_panic_whose_payload_panics_on_drop_is_one_panicked_callback() {
         (stats.panicked(), stats.completed(), stats.cancelled()),
         (1, 1, 0)
     );
+}
+
+/// Middleware that runs the rest of the request in a task of its own (to finish handlers whose
+/// client left, or to isolate their panics) must not cut the handler off from its `After`.
+#[tokio::test]
+async fn the_extractor_works_when_middleware_spawns_the_rest_of_the_request() {
+    use axum::middleware::{self, Next};
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(move |later: After| async move {
+                later.run(async move { flag.store(true, Ordering::SeqCst) });
+                "ok"
+            }),
+        )
+        .layer(middleware::from_fn(
+            |request: axum::extract::Request, next: Next| async move {
+                tokio::spawn(next.run(request)).await.expect("no panic")
+            },
+        ))
+        .layer(layer);
+    let response = app
+        .oneshot(Request::new(axum::body::Body::empty()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    wait_idle(&tasks).await;
+    assert!(ran.load(Ordering::SeqCst), "{:?}", tasks.stats());
+}
+
+/// Serves one request whose handler hands its `After` to `register`, which registers a
+/// callback from somewhere else than the request's task; returns whether the callback ran.
+async fn registered_elsewhere(register: fn(After, Arc<AtomicBool>)) -> bool {
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let service = layer.layer(tower::service_fn(move |request: Request<()>| {
+        let later = request.extensions().get::<After>().unwrap().clone();
+        let flag = flag.clone();
+        async move {
+            tokio::task::spawn_blocking(move || register(later, flag))
+                .await
+                .unwrap();
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }
+    }));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    wait_idle(&tasks).await;
+    ran.load(Ordering::SeqCst)
+}
+
+/// A helper that registers from a short-lived runtime of its own: the callback must outlive it,
+/// on the runtime that serves the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_registered_inside_a_temporary_runtime_runs_on_the_serving_one() {
+    let ran = registered_elsewhere(|later, flag| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            later.run(async move { flag.store(true, Ordering::SeqCst) });
+        });
+    })
+    .await;
+    assert!(ran);
+}
+
+/// A helper on a second runtime built without timers (a CPU pool, say): the callback must not
+/// depend on that runtime's drivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_registered_on_a_runtime_without_timers_still_runs() {
+    let ran = registered_elsewhere(|later, flag| {
+        let cpu = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        cpu.block_on(async move {
+            later.run(async move {
+                // Pending once, so that its driver arms the budget's timer.
+                tokio::task::yield_now().await;
+                flag.store(true, Ordering::SeqCst);
+            });
+        });
+        drop(cpu);
+    })
+    .await;
+    assert!(ran);
 }
