@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Instructions the server executes per request, for each load-test variant: the one cost figure
-# that a shared, noisy machine reproduces to about 1 %. Installs valgrind and wrk (Debian's
-# packages) when missing. Usage: `bash benches/instructions.sh [VARIANT...]`.
+# that a shared, noisy machine reproduces. One connection by default, so that every request costs
+# the same system calls: with several, how many requests one wake-up serves depends on timing,
+# which moved the floor by 2 % from run to run. `CONNECTIONS=16` gives the busier picture.
+# Installs valgrind and wrk (Debian's packages) when missing.
+# Usage: `bash benches/instructions.sh [VARIANT...]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -31,7 +34,7 @@ for variant in "${variants[@]}"; do
         sleep 0.1
     done
     address=$(head -n1 "$work/$variant.addr")
-    requests=$(wrk -t1 -c16 -d5s "http://$address/" | awk '/requests in/ {print $1}')
+    requests=$(wrk -t1 -c"${CONNECTIONS:-1}" -d5s "http://$address/" | awk '/requests in/ {print $1}')
     wait "$server"
     total=$(awk '/^summary:/ {print $2}' "$work/$variant.out")
     printf '| %s | %s | %s |\n' "$variant" "$requests" "$((total / requests))"
