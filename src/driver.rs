@@ -665,16 +665,21 @@ mod tests {
         let layer = AfterLayer::new();
         let started = Arc::new(Mutex::new(Vec::new()));
         let log = started.clone();
-        serve(&layer, move |after| {
-            let first = log.clone();
-            after.run_named(
-                "audit",
-                move |_| async move { first.lock().unwrap().push(1) },
-            );
-            let second = log.clone();
-            after.run(async move { second.lock().unwrap().push(2) });
-        })
-        .await;
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let log = log.clone();
+            // From the request's own task, where an unnamed callback may ride in a driver.
+            async move {
+                let after = After::current();
+                let first = log.clone();
+                after.run_named("audit", move |_| async move {
+                    first.lock().unwrap().push(1);
+                });
+                after.run(async move { log.lock().unwrap().push(2) });
+                Ok::<_, Infallible>(Response::new(Body::new()))
+            }
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        response.into_body().collect().await.unwrap();
         drained(&layer.tasks()).await;
         assert_eq!(*started.lock().unwrap(), [1, 2]);
     }
