@@ -354,6 +354,7 @@ async fn a_panic_whose_payload_panics_on_drop_is_one_panicked_callback() {
 
 /// Middleware that runs the rest of the request in a task of its own (to finish handlers whose
 /// client left, or to isolate their panics) must not cut the handler off from its `After`.
+#[cfg(feature = "axum")]
 #[tokio::test]
 async fn the_extractor_works_when_middleware_spawns_the_rest_of_the_request() {
     use axum::middleware::{self, Next};
