@@ -475,10 +475,8 @@ impl<C: Callback> Future for Driver<C> {
                     }
                 }
             }
-            match this.rest.poll_next(cx) {
-                Poll::Ready(Some(())) => ended = true,
-                Poll::Ready(None) => {}
-                Poll::Pending => {}
+            if let Poll::Ready(Some(())) = this.rest.poll_next(cx) {
+                ended = true;
             }
             if ended || (!first_runs && this.rest.is_empty()) {
                 continue;
