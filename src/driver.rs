@@ -289,16 +289,21 @@ impl Inflight {
     }
 
     /// Why work must stop at once, if it must: a shutdown's grace, or its invocation's time,
-    /// ran out.
+    /// ran out. Read from flags set before the tokens are cancelled, so that whoever sees a
+    /// token cancelled also gets an answer here.
     fn cancelled(&self) -> Option<Stop> {
-        if !self.stop_token().is_cancelled() {
-            return None;
+        if self.shared.is_shut_down() {
+            return Some(Stop::Shutdown);
         }
         #[cfg(feature = "lambda")]
-        if !self.shared.shutdown_token().is_cancelled() {
+        if self
+            .invocation
+            .as_ref()
+            .is_some_and(|invocation| invocation.is_stopped())
+        {
             return Some(Stop::Invocation);
         }
-        Some(Stop::Shutdown)
+        None
     }
 
     /// Why work must stop now, if it must: a shutdown's grace, its invocation's time, or the
@@ -518,7 +523,8 @@ fn wait(
     });
     let mut waits = waits.as_mut().project();
     if waits.shutdown.as_mut().poll(cx).is_ready() {
-        return inflight.cancelled();
+        // The flags are set before the tokens are cancelled: this always names the reason.
+        return Some(inflight.cancelled().unwrap_or(Stop::Shutdown));
     }
     // The deadline is known once the response finished; until then only early work runs.
     let end = inflight.end.get()?;

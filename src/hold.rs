@@ -14,7 +14,7 @@
 
 use std::future::Future;
 use std::mem;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
@@ -37,6 +37,9 @@ pub(crate) struct Invocation {
     /// Woken whenever no driver is at work any more.
     settled: Notify,
     stop: CancellationToken,
+    /// Set just before `stop` is cancelled by [`Invocation::stop`]; cheaper to read than the
+    /// token, which takes a lock.
+    stopped: AtomicBool,
 }
 
 impl Invocation {
@@ -96,6 +99,17 @@ impl Invocation {
         &self.stop
     }
 
+    /// Stops the work of its requests: its time ran out.
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.cancel();
+    }
+
+    /// Whether [`Invocation::stop`] was called (a shutdown of the layer is not seen here).
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
     /// Starts the work held back so far, in the order it arrived; later work starts at once.
     fn release(&self) {
         let deferred = mem::take(&mut *self.held()).unwrap_or_default();
@@ -117,6 +131,7 @@ impl Hold {
             drivers: AtomicUsize::new(0),
             settled: Notify::new(),
             stop,
+            stopped: AtomicBool::new(false),
         }))
     }
 

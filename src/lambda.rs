@@ -275,7 +275,7 @@ async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
         return;
     }
     let requests = invocation.busy();
-    invocation.stop_token().cancel();
+    invocation.stop();
     tracing::warn!(
         requests,
         "after callbacks cancelled: the Lambda invocation's deadline is {:?} away",

@@ -15,7 +15,7 @@
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     idle: Notify,
     /// Cancelled once a shutdown's grace ran out: every driver stops its work.
     shutdown: CancellationToken,
+    /// Set just before `shutdown` is cancelled. Drivers read it before each start of work: the
+    /// token's own `is_cancelled` takes a lock that every request of the layer shares.
+    shut_down: AtomicBool,
     /// One drain at a time, so that two shutdowns never report the same callback.
     drain: tokio::sync::Mutex<()>,
     running: AtomicU64,
@@ -262,6 +265,11 @@ impl Shared {
         &self.shutdown
     }
 
+    /// Whether a shutdown's grace ran out: true from before its token is cancelled.
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::Acquire)
+    }
+
     fn pending(&self) -> usize {
         let ledger = self.ledger();
         ledger.pending + ledger.written_off
@@ -287,6 +295,7 @@ impl Shared {
         ledger.written_off += count;
         ledger.epoch += 1;
         drop(ledger);
+        self.shut_down.store(true, Ordering::Release);
         self.shutdown.cancel();
         count
     }
