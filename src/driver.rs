@@ -38,7 +38,7 @@ use tokio::sync::Semaphore;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::Span;
 
 use crate::callback::{BoxCallback, Callback, Callbacks, Job, Running, Stop, WithContext};
@@ -278,30 +278,22 @@ impl Inflight {
         AfterContext::new(self.clone())
     }
 
-    /// Cancelled when the request's work must stop at once: by a shutdown whose grace ran out,
-    /// or when its invocation's time runs out.
-    fn stop_token(&self) -> &CancellationToken {
-        #[cfg(feature = "lambda")]
-        if let Some(invocation) = &self.invocation {
-            return invocation.stop_token();
-        }
-        self.shared.shutdown_token()
-    }
-
-    /// Why work must stop at once, if it must: a shutdown's grace, or its invocation's time,
-    /// ran out. Read from flags set before the tokens are cancelled, so that whoever sees a
-    /// token cancelled also gets an answer here.
+    /// Why work must stop at once, if it must: a shutdown's grace (of its layer, or of the
+    /// layer its invocation drains), or its invocation's time, ran out. Read from the flags of
+    /// the stop signals, set before their tokens are cancelled, so that a driver woken by a token
+    /// also gets an answer here.
     fn cancelled(&self) -> Option<Stop> {
-        if self.shared.is_shut_down() {
+        if self.shared.shutdown().is_fired() {
             return Some(Stop::Shutdown);
         }
         #[cfg(feature = "lambda")]
-        if self
-            .invocation
-            .as_ref()
-            .is_some_and(|invocation| invocation.is_stopped())
-        {
-            return Some(Stop::Invocation);
+        if let Some(invocation) = &self.invocation {
+            if invocation.is_shut_down() {
+                return Some(Stop::Shutdown);
+            }
+            if invocation.is_stopped() {
+                return Some(Stop::Invocation);
+            }
         }
         None
     }
@@ -498,17 +490,25 @@ impl<C: Callback> Future for Driver<C> {
 }
 
 pin_project! {
-    /// What a waiting driver waits for, besides its callbacks: the request's budget, and a
-    /// shutdown (or the end of its invocation).
+    /// What a waiting driver waits for, besides its callbacks: the request's budget, a shutdown
+    /// of its layer, and the end of its invocation.
     struct Waits {
         #[pin]
         shutdown: WaitForCancellationFutureOwned,
+        #[pin]
+        invocation: InvocationStop,
         #[pin]
         budget: Option<Sleep>,
     }
 }
 
-/// Polls the budget's timer and the shutdown token, arming them on first use.
+/// The end of the driver's invocation, if it serves one; nothing without the `lambda` feature.
+#[cfg(feature = "lambda")]
+type InvocationStop = Option<WaitForCancellationFutureOwned>;
+#[cfg(not(feature = "lambda"))]
+type InvocationStop = ();
+
+/// Polls the budget's timer and the stop signals, arming them on first use.
 fn wait(
     inflight: &Inflight,
     waits: &mut Option<Pin<Box<Waits>>>,
@@ -517,14 +517,25 @@ fn wait(
 ) -> Option<Stop> {
     let waits = waits.get_or_insert_with(|| {
         Box::pin(Waits {
-            shutdown: inflight.stop_token().clone().cancelled_owned(),
+            shutdown: inflight.shared.shutdown().fired(),
+            #[cfg(feature = "lambda")]
+            invocation: (inflight.invocation.as_ref())
+                .map(|invocation| invocation.stop_signal().fired()),
+            #[cfg(not(feature = "lambda"))]
+            invocation: (),
             budget: None,
         })
     });
     let mut waits = waits.as_mut().project();
-    if waits.shutdown.as_mut().poll(cx).is_ready() {
-        // The flags are set before the tokens are cancelled: this always names the reason.
-        return Some(inflight.cancelled().unwrap_or(Stop::Shutdown));
+    let stopped = waits.shutdown.as_mut().poll(cx).is_ready();
+    #[cfg(feature = "lambda")]
+    let stopped = stopped
+        || (waits.invocation.as_mut().as_pin_mut()).is_some_and(|end| end.poll(cx).is_ready());
+    if stopped {
+        // Each signal's flag is set before its token is cancelled, so this names the reason.
+        let why = inflight.cancelled();
+        debug_assert!(why.is_some(), "a stop signal fired without its flag");
+        return Some(why.unwrap_or(Stop::Shutdown));
     }
     // The deadline is known once the response finished; until then only early work runs.
     let end = inflight.end.get()?;

@@ -6,20 +6,22 @@
 //! Runtime API: a request's callbacks would start before that post. While its invocation is
 //! *held*, a request that finishes leaves the start of its work here; [`Hold::release`] starts
 //! it all once the response is posted. From then on, [`Invocation::settled`] resolves whenever
-//! no driver of those requests is at work, and the invocation's stop token, a child of the
-//! layer's shutdown token, stops them when the invocation's time runs out.
+//! no driver of those requests is at work. Its stop signal stops them when the invocation's time
+//! runs out, and when the layer it was made for (the drain's) shuts down; each request's own layer
+//! stops them too when it shuts down.
 //!
 //! It knows nothing of drivers: the held work is a closure, and the drivers count themselves
 //! in and out.
 
 use std::future::Future;
 use std::mem;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
-use tokio_util::sync::CancellationToken;
+
+use crate::tasks::{Shared, StopSignal};
 
 tokio::task_local! {
     /// The invocation being served, for the requests that enter `AfterLayer` inside it.
@@ -36,10 +38,11 @@ pub(crate) struct Invocation {
     drivers: AtomicUsize,
     /// Woken whenever no driver is at work any more.
     settled: Notify,
-    stop: CancellationToken,
-    /// Set just before `stop` is cancelled by [`Invocation::stop`]; cheaper to read than the
-    /// token, which takes a lock.
-    stopped: AtomicBool,
+    /// Fired when its time runs out; a child of the drain's layer's shutdown.
+    stop: StopSignal,
+    /// The layer it was made for: its shutdown stops the invocation's work, whichever layer
+    /// registered it.
+    drain: Arc<Shared>,
 }
 
 impl Invocation {
@@ -94,20 +97,24 @@ impl Invocation {
         }
     }
 
-    /// Cancelled when the invocation's time runs out, and with the layer's shutdown token.
-    pub(crate) fn stop_token(&self) -> &CancellationToken {
+    /// Fires when the invocation's time runs out, and with the drain's layer's shutdown.
+    pub(crate) fn stop_signal(&self) -> &StopSignal {
         &self.stop
     }
 
     /// Stops the work of its requests: its time ran out.
     pub(crate) fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
-        self.stop.cancel();
+        self.stop.fire();
     }
 
-    /// Whether [`Invocation::stop`] was called (a shutdown of the layer is not seen here).
+    /// Whether [`Invocation::stop`] was called.
     pub(crate) fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
+        self.stop.is_fired()
+    }
+
+    /// Whether the layer it was made for shut down, and its grace ran out.
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.drain.shutdown().is_fired()
     }
 
     /// Starts the work held back so far, in the order it arrived; later work starts at once.
@@ -124,14 +131,14 @@ impl Invocation {
 pub(crate) struct Hold(Arc<Invocation>);
 
 impl Hold {
-    /// A new invocation, held, whose drivers stop when `stop` is cancelled.
-    pub(crate) fn new(stop: CancellationToken) -> Self {
+    /// A new invocation, held, made for the layer whose state `drain` is.
+    pub(crate) fn new(drain: Arc<Shared>) -> Self {
         Self(Arc::new(Invocation {
             held: Mutex::new(Some(Vec::new())),
             drivers: AtomicUsize::new(0),
             settled: Notify::new(),
-            stop,
-            stopped: AtomicBool::new(false),
+            stop: drain.shutdown().child(),
+            drain,
         }))
     }
 

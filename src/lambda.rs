@@ -85,6 +85,11 @@ use crate::AfterTasks;
 /// request in the task that runs the invocation: a layer that moves requests to another task
 /// (`tower::buffer`) between the two loses the hold, and callbacks start at once.
 ///
+/// It holds and waits for the work of every `AfterLayer` inside it, a route's own layer
+/// included. When the layer it was made from shuts down and its grace runs out, the work of its
+/// invocations stops, whichever layer registered it; another layer's shutdown stops only that
+/// layer's work.
+///
 /// # Example
 ///
 /// ```no_run
@@ -188,8 +193,8 @@ where
 
     fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
         let cap = cap(invocation.context.deadline());
-        // A shutdown whose grace ran out stops this invocation's work too.
-        let hold = Hold::new(self.shared.shutdown_token().child_token());
+        // A shutdown of the layer whose grace ran out stops this invocation's work too.
+        let hold = Hold::new(self.shared.clone());
         // `lambda_http` calls the router within this call, and axum calls `AfterLayer` when
         // the future is polled: both see the invocation.
         let inner = hold.sync_scope(|| self.inner.call(invocation));
@@ -419,6 +424,85 @@ mod tests {
         assert_eq!(stopped.len(), 1, "{}", logs.text());
         assert!(stopped[0].contains("shutdown grace period"), "{stopped:?}");
         assert!(logs.lines_with("invocation's deadline").is_empty());
+    }
+
+    /// A callback that records its start and its drop, then sleeps for an hour.
+    fn sleeper(
+        started: &Arc<AtomicBool>,
+        dropped: &Arc<AtomicBool>,
+    ) -> impl Fn() -> BoxFuture + Clone {
+        let (started, dropped) = (started.clone(), dropped.clone());
+        move || {
+            let (started, dropped) = (started.clone(), dropped.clone());
+            Box::pin(async move {
+                let _dropped = SetOnDrop(dropped);
+                started.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            })
+        }
+    }
+
+    type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+    struct SetOnDrop(Arc<AtomicBool>);
+
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_layer_s_shutdown_stops_its_work_inside_an_invocation() {
+        // The drain is made from the outer layer's tasks; a route has a layer of its own.
+        let outer = AfterLayer::new();
+        let inner = AfterLayer::new();
+        let (started, dropped) = (Arc::default(), Arc::default());
+        let function = function(&inner, sleeper(&started, &dropped), true);
+        let service = DrainLayer::new(outer.tasks()).layer(function);
+        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
+        eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
+
+        let report = inner.tasks().shutdown(Duration::from_millis(50)).await;
+        assert_eq!(report.cancelled(), 1);
+        eventually("the cancelled callback to be dropped", || {
+            dropped.load(Ordering::SeqCst)
+        })
+        .await;
+        drain.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_of_the_drain_s_tasks_stops_every_layer_s_work_before_it_starts() {
+        let outer = AfterLayer::new();
+        // A callback of the outer layer that never ends, written off by its shutdown.
+        let never = function(&outer, std::future::pending::<()>, true);
+        never
+            .oneshot(invocation(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let report = outer.tasks().shutdown(Duration::from_millis(10)).await;
+        assert_eq!(report.cancelled(), 1);
+        let logs = Logs::capture();
+        let inner = AfterLayer::new();
+        let (started, dropped) = (Arc::default(), Arc::default());
+        let function = function(&inner, sleeper(&started, &dropped), true);
+        let service = DrainLayer::new(outer.tasks()).layer(function);
+        service
+            .oneshot(invocation(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+
+        eventually("nothing pending", || inner.tasks().pending() == 0).await;
+        assert!(
+            !started.load(Ordering::SeqCst),
+            "started after the shutdown"
+        );
+        let stats = inner.tasks().stats();
+        assert_eq!((stats.cancelled(), stats.timed_out()), (1, 0), "{stats:?}");
+        let stopped = logs.lines_with("after callback cancelled");
+        assert_eq!(stopped.len(), 1, "{}", logs.text());
+        assert!(stopped[0].contains("shutdown grace period"), "{stopped:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.
@@ -33,15 +33,50 @@ pub(crate) struct Shared {
     ledger: Mutex<Ledger>,
     /// Woken whenever nothing is pending any more.
     idle: Notify,
-    /// Cancelled once a shutdown's grace ran out: every driver stops its work.
-    shutdown: CancellationToken,
-    /// Set just before `shutdown` is cancelled. Drivers read it before each start of work: the
-    /// token's own `is_cancelled` takes a lock that every request of the layer shares.
-    shut_down: AtomicBool,
+    /// Fired once a shutdown's grace ran out: every driver stops its work.
+    shutdown: StopSignal,
     /// One drain at a time, so that two shutdowns never report the same callback.
     drain: tokio::sync::Mutex<()>,
     running: AtomicU64,
     queued: AtomicU64,
+}
+
+/// Tells work to stop at once: a flag that drivers read before each start of work, and a token
+/// that waiting drivers wait on. The token's own `is_cancelled` takes a lock that every request of
+/// the layer shares; the flag does not. The flag is set before the token is cancelled, so that a
+/// driver woken by the token finds it set.
+#[derive(Default)]
+pub(crate) struct StopSignal {
+    fired: AtomicBool,
+    token: CancellationToken,
+}
+
+impl StopSignal {
+    /// A signal of its own whose token is also cancelled when this one fires (its flag is not:
+    /// whoever waits on the child asks both for the reason).
+    #[cfg(feature = "lambda")]
+    pub(crate) fn child(&self) -> Self {
+        Self {
+            fired: AtomicBool::new(false),
+            token: self.token.child_token(),
+        }
+    }
+
+    /// Tells the work to stop.
+    pub(crate) fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// Whether [`StopSignal::fire`] was called on this signal (not on its parent).
+    pub(crate) fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Resolves once this signal, or its parent, fired.
+    pub(crate) fn fired(&self) -> WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
+    }
 }
 
 /// The ledger's epoch when a callback was registered: see the module docs.
@@ -260,14 +295,9 @@ impl Shared {
         }
     }
 
-    /// Cancelled once a shutdown's grace ran out.
-    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+    /// Fired once a shutdown's grace ran out.
+    pub(crate) fn shutdown(&self) -> &StopSignal {
         &self.shutdown
-    }
-
-    /// Whether a shutdown's grace ran out: true from before its token is cancelled.
-    pub(crate) fn is_shut_down(&self) -> bool {
-        self.shut_down.load(Ordering::Acquire)
     }
 
     fn pending(&self) -> usize {
@@ -295,8 +325,7 @@ impl Shared {
         ledger.written_off += count;
         ledger.epoch += 1;
         drop(ledger);
-        self.shut_down.store(true, Ordering::Release);
-        self.shutdown.cancel();
+        self.shutdown.fire();
         count
     }
 
