@@ -97,7 +97,8 @@ impl Invocation {
         }
     }
 
-    /// Fires when the invocation's time runs out, and with the drain's layer's shutdown.
+    /// Fires when the invocation's time runs out; its token is also cancelled with the drain's
+    /// layer's shutdown.
     pub(crate) fn stop_signal(&self) -> &StopSignal {
         &self.stop
     }

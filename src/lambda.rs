@@ -86,9 +86,10 @@ use crate::AfterTasks;
 /// (`tower::buffer`) between the two loses the hold, and callbacks start at once.
 ///
 /// It holds and waits for the work of every `AfterLayer` inside it, a route's own layer
-/// included. When the layer it was made from shuts down and its grace runs out, the work of its
-/// invocations stops, whichever layer registered it; another layer's shutdown stops only that
-/// layer's work.
+/// included. A layer's shutdown drains and reports that layer's callbacks only. When the grace of
+/// a shutdown of the layer it was made from runs out, the work still running in its invocations
+/// stops too, whichever layer registered it. With a route that has a layer of its own, shut that
+/// layer down as well (see [`graceful_shutdown`]).
 ///
 /// # Example
 ///
@@ -304,7 +305,9 @@ async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
 /// the invocations' hold (tasks spawned by handlers that register later, or requests served
 /// outside `lambda_runtime`).
 ///
-/// Call it once, before `Runtime::run`, in the Tokio runtime that serves the invocations.
+/// Call it once, before `Runtime::run`, in the Tokio runtime that serves the invocations: the
+/// extension's name is fixed, and a function may register it once. To drain several layers,
+/// call `lambda_runtime::spawn_graceful_shutdown_handler` with a closure that shuts each down.
 ///
 /// # Panics
 ///
@@ -503,6 +506,32 @@ mod tests {
         let stopped = logs.lines_with("after callback cancelled");
         assert_eq!(stopped.len(), 1, "{}", logs.text());
         assert!(stopped[0].contains("shutdown grace period"), "{stopped:?}");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_of_the_drain_s_tasks_stops_another_layer_s_running_work() {
+        let outer = AfterLayer::new();
+        let never = function(&outer, std::future::pending::<()>, true);
+        never
+            .oneshot(invocation(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let inner = AfterLayer::new();
+        let (started, dropped) = (Arc::default(), Arc::default());
+        let function = function(&inner, sleeper(&started, &dropped), true);
+        let service = DrainLayer::new(outer.tasks()).layer(function);
+        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
+        eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
+
+        // Its grace runs out on its own stuck callback: the invocation's work stops too.
+        outer.tasks().shutdown(Duration::from_millis(10)).await;
+        eventually("the inner layer's callback to be dropped", || {
+            dropped.load(Ordering::SeqCst)
+        })
+        .await;
+        drain.await.unwrap().unwrap();
+        let stats = inner.tasks().stats();
+        assert_eq!((stats.cancelled(), stats.timed_out()), (1, 0), "{stats:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -297,7 +297,10 @@
 //!   it about 500 ms (300 ms when external extensions are installed) before SIGKILL.
 //!   `lambda::graceful_shutdown(tasks, grace)` registers such an extension and runs
 //!   [`AfterTasks::shutdown`] on SIGTERM; keep `grace` near 300 ms. Since every invocation
-//!   drained its own work, there is usually nothing left by then.
+//!   drained its own work, there is usually nothing left by then. It drains the layer whose
+//!   `tasks` it is given, and registers the one extension a function may have for this: to drain
+//!   several layers (a route with an `AfterLayer` of its own), call
+//!   `lambda_runtime::spawn_graceful_shutdown_handler` yourself and shut each layer down in it.
 //! - As on a server, a crash, an out-of-memory kill or a lost environment loses callbacks that
 //!   had not run: work that must happen belongs in a durable queue (SQS, a table) written before
 //!   the response.
