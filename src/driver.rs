@@ -13,8 +13,8 @@
 //! later spawns a new one. This is the only module that spawns.
 //!
 //! A driver arms its timers only once it actually has to wait: a Tokio `Sleep` for the budget,
-//! and a waiter on the layer's shutdown token (and on its invocation's, on Lambda). Callbacks that end on their first poll (a log
-//! line, a counter) never touch a timer.
+//! and a waiter on the layer's shutdown token (and on its invocation's, on Lambda). Callbacks
+//! that end on their first poll (a log line, a counter) never touch a timer.
 //!
 //! Nothing here runs user code while holding a lock, and nothing runs it inside the response's
 //! `poll` or `Drop`: finishing a response only hands its work to a driver. On AWS Lambda

@@ -7,8 +7,8 @@
 //! *held*, a request that finishes leaves the start of its work here; [`Hold::release`] starts
 //! it all once the response is posted. From then on, [`Invocation::settled`] resolves whenever
 //! no driver of those requests is at work. Its stop signal stops them when the invocation's time
-//! runs out, and when the layer it was made for (the drain's) shuts down; each request's own layer
-//! stops them too when it shuts down.
+//! runs out, and when a shutdown of the layer it was made for (the drain's) runs out of grace;
+//! each request's own layer stops them too when its shutdown does.
 //!
 //! It knows nothing of drivers: the held work is a closure, and the drivers count themselves
 //! in and out.

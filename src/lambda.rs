@@ -455,14 +455,39 @@ mod tests {
         }
     }
 
+    /// A layer with one callback that never ends: a shutdown's grace runs out on it.
+    async fn with_stuck_work() -> AfterLayer {
+        let layer = AfterLayer::new();
+        let never = function(&layer, std::future::pending::<()>, true);
+        never
+            .oneshot(invocation(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        layer
+    }
+
+    /// A function drained by a `DrainLayer` made from `drain`'s tasks, whose request `inner`
+    /// serves with a `sleeper`, and the sleeper's flags: started, dropped.
+    fn sleeping_in_an_invocation(
+        drain: &AfterLayer,
+        inner: &AfterLayer,
+    ) -> (
+        Arc<AtomicBool>,
+        Arc<AtomicBool>,
+        impl Service<LambdaInvocation, Response = (), Error = Infallible, Future: Send>,
+    ) {
+        let (started, dropped) = (Arc::default(), Arc::default());
+        let function = function(inner, sleeper(&started, &dropped), true);
+        let service = DrainLayer::new(drain.tasks()).layer(function);
+        (started, dropped, service)
+    }
+
     #[tokio::test]
     async fn a_second_layer_s_shutdown_stops_its_work_inside_an_invocation() {
         // The drain is made from the outer layer's tasks; a route has a layer of its own.
         let outer = AfterLayer::new();
         let inner = AfterLayer::new();
-        let (started, dropped) = (Arc::default(), Arc::default());
-        let function = function(&inner, sleeper(&started, &dropped), true);
-        let service = DrainLayer::new(outer.tasks()).layer(function);
+        let (started, dropped, service) = sleeping_in_an_invocation(&outer, &inner);
         let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
         eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
 
@@ -477,20 +502,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_shutdown_of_the_drain_s_tasks_stops_every_layer_s_work_before_it_starts() {
-        let outer = AfterLayer::new();
-        // A callback of the outer layer that never ends, written off by its shutdown.
-        let never = function(&outer, std::future::pending::<()>, true);
-        never
-            .oneshot(invocation(Duration::from_secs(3600)))
-            .await
-            .unwrap();
+        let outer = with_stuck_work().await;
         let report = outer.tasks().shutdown(Duration::from_millis(10)).await;
         assert_eq!(report.cancelled(), 1);
         let logs = Logs::capture();
         let inner = AfterLayer::new();
-        let (started, dropped) = (Arc::default(), Arc::default());
-        let function = function(&inner, sleeper(&started, &dropped), true);
-        let service = DrainLayer::new(outer.tasks()).layer(function);
+        let (started, _, service) = sleeping_in_an_invocation(&outer, &inner);
         service
             .oneshot(invocation(Duration::from_secs(3600)))
             .await
@@ -510,16 +527,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_shutdown_of_the_drain_s_tasks_stops_another_layer_s_running_work() {
-        let outer = AfterLayer::new();
-        let never = function(&outer, std::future::pending::<()>, true);
-        never
-            .oneshot(invocation(Duration::from_secs(3600)))
-            .await
-            .unwrap();
+        let outer = with_stuck_work().await;
         let inner = AfterLayer::new();
-        let (started, dropped) = (Arc::default(), Arc::default());
-        let function = function(&inner, sleeper(&started, &dropped), true);
-        let service = DrainLayer::new(outer.tasks()).layer(function);
+        let (started, dropped, service) = sleeping_in_an_invocation(&outer, &inner);
         let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
         eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
 
