@@ -429,24 +429,6 @@ mod tests {
         assert!(logs.lines_with("invocation's deadline").is_empty());
     }
 
-    /// A callback that records its start and its drop, then sleeps for an hour.
-    fn sleeper(
-        started: &Arc<AtomicBool>,
-        dropped: &Arc<AtomicBool>,
-    ) -> impl Fn() -> BoxFuture + Clone {
-        let (started, dropped) = (started.clone(), dropped.clone());
-        move || {
-            let (started, dropped) = (started.clone(), dropped.clone());
-            Box::pin(async move {
-                let _dropped = SetOnDrop(dropped);
-                started.store(true, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            })
-        }
-    }
-
-    type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
     struct SetOnDrop(Arc<AtomicBool>);
 
     impl Drop for SetOnDrop {
@@ -467,7 +449,8 @@ mod tests {
     }
 
     /// A function drained by a `DrainLayer` made from `drain`'s tasks, whose request `inner`
-    /// serves with a `sleeper`, and the sleeper's flags: started, dropped.
+    /// serves with a callback that sleeps for an hour, and that callback's flags: started,
+    /// dropped.
     fn sleeping_in_an_invocation(
         drain: &AfterLayer,
         inner: &AfterLayer,
@@ -476,8 +459,17 @@ mod tests {
         Arc<AtomicBool>,
         impl Service<LambdaInvocation, Response = (), Error = Infallible, Future: Send>,
     ) {
-        let (started, dropped) = (Arc::default(), Arc::default());
-        let function = function(inner, sleeper(&started, &dropped), true);
+        let (started, dropped) = (Arc::<AtomicBool>::default(), Arc::<AtomicBool>::default());
+        let (on_start, on_drop) = (started.clone(), dropped.clone());
+        let sleeper = move || {
+            let (started, dropped) = (on_start.clone(), on_drop.clone());
+            async move {
+                let _dropped = SetOnDrop(dropped);
+                started.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        };
+        let function = function(inner, sleeper, true);
         let service = DrainLayer::new(drain.tasks()).layer(function);
         (started, dropped, service)
     }
