@@ -17,8 +17,8 @@ use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tracing::Span;
 
+use crate::ledger::{Ended, Gauge, Ticket};
 use crate::scope::Named;
-use crate::tasks::{Ended, Gauge, Ticket};
 use crate::{AfterContext, RequestSnapshot};
 
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
@@ -146,10 +146,10 @@ pub(crate) enum Stop {
     Budget(Duration),
     /// A shutdown's grace period ran out.
     Shutdown,
-    /// The invocation that served the request is about to run out of time
-    /// (`lambda::DrainLayer`).
-    #[cfg(feature = "lambda")]
-    Invocation,
+    /// The platform that served the request wants its work stopped, for this reason
+    /// (`lambda::DrainLayer`: the invocation's deadline is near). Counted as timed out.
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+    Host(&'static str),
 }
 
 impl Stop {
@@ -157,8 +157,7 @@ impl Stop {
         match self {
             Self::Budget(_) => Ended::TimedOut,
             Self::Shutdown => Ended::Cancelled,
-            #[cfg(feature = "lambda")]
-            Self::Invocation => Ended::TimedOut,
+            Self::Host(_) => Ended::TimedOut,
         }
     }
 }
@@ -172,11 +171,7 @@ impl fmt::Display for Stop {
                  on the route or `AfterLayer::max_duration`)"
             ),
             Self::Shutdown => f.write_str("the shutdown grace period ran out"),
-            #[cfg(feature = "lambda")]
-            Self::Invocation => f.write_str(
-                "the Lambda invocation's deadline is near (raise the function's timeout, or \
-                 lower the route's `MaxDuration`)",
-            ),
+            Self::Host(why) => f.write_str(why),
         }
     }
 }
@@ -207,9 +202,7 @@ pin_project! {
     impl<C> PinnedDrop for Running<C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if *this.started {
-                this.ticket.shared().gauge(gauge(this.acquire), false);
-            }
+            leave_gauge(this.started, this.acquire, this.ticket);
             // Dropped before its end (the runtime is shutting down): counted as cancelled.
             end(this.callback, this.ticket, this.ctx, this.name, Ended::Cancelled);
         }
@@ -263,18 +256,28 @@ impl<C: Callback> Running<C> {
         }
     }
 
-    /// Stops the callback before its end, with a warning in its span.
+    /// Stops the callback before its end. Its driver, or whoever stopped it, says so once for
+    /// all it stopped; the details go to `DEBUG`, in its span.
     pub(crate) fn stop(self: Pin<&mut Self>, why: Stop) {
         let this = self.project();
         let _entered = this.span.enter();
         let request = this.ctx.request();
-        tracing::warn!(
+        tracing::debug!(
             method = %request.method(),
             path = request.path(),
             name = this.name.as_deref(),
             "after callback cancelled: {why}"
         );
+        leave_gauge(this.started, this.acquire, this.ticket);
         end(this.callback, this.ticket, this.ctx, this.name, why.ended());
+    }
+}
+
+/// Takes a started callback out of its gauge: before its ticket closes, so that whoever sees
+/// nothing pending sees the gauges at zero too.
+fn leave_gauge(started: &mut bool, acquire: &Option<BoxAcquire>, ticket: &Ticket) {
+    if std::mem::take(started) {
+        ticket.shared().gauge(gauge(acquire), false);
     }
 }
 
@@ -331,6 +334,7 @@ impl<C: Callback> Future for Running<C> {
             }
         };
         drop(entered);
+        leave_gauge(this.started, this.acquire, this.ticket);
         end(this.callback, this.ticket, this.ctx, this.name, how);
         Poll::Ready(())
     }

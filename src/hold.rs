@@ -10,25 +10,28 @@
 //! runs out, and when a shutdown of the layer it was made for (the drain's) runs out of grace;
 //! each request's own layer stops them too when its shutdown does.
 //!
-//! It knows nothing of drivers: the held work is a closure, and the drivers count themselves
-//! in and out.
+//! It reaches the core through the one seam for such platforms, [`Host`]: it knows nothing of
+//! drivers, the held work is a closure, and the drivers count themselves in and out.
 
 use std::future::Future;
 use std::mem;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use futures_util::future::select;
 use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
 
-use crate::tasks::{Shared, StopSignal};
-
-tokio::task_local! {
-    /// The invocation being served, for the requests that enter `AfterLayer` inside it.
-    static CURRENT: Arc<Invocation>;
-}
+use crate::callback::Stop;
+use crate::host::{self, Host};
+use crate::ledger::{Shared, StopSignal};
 
 type Deferred = Box<dyn FnOnce() + Send>;
+
+/// Why an invocation's work is stopped before its end.
+const NEAR_DEADLINE: &str = "the Lambda invocation's deadline is near (raise the function's \
+                             timeout, or lower the route's `MaxDuration`)";
 
 /// One invocation, shared by the requests it serves.
 pub(crate) struct Invocation {
@@ -38,7 +41,7 @@ pub(crate) struct Invocation {
     drivers: AtomicUsize,
     /// Woken whenever no driver is at work any more.
     settled: Notify,
-    /// Fired when its time runs out; a child of the drain's layer's shutdown.
+    /// Fired when its time runs out.
     stop: StopSignal,
     /// The layer it was made for: its shutdown stops the invocation's work, whichever layer
     /// registered it.
@@ -46,38 +49,9 @@ pub(crate) struct Invocation {
 }
 
 impl Invocation {
-    /// The invocation the current task serves, if any.
-    pub(crate) fn current() -> Option<Arc<Self>> {
-        CURRENT.try_with(Arc::clone).ok()
-    }
-
     fn held(&self) -> MutexGuard<'_, Option<Vec<Deferred>>> {
         // No user code runs under the lock.
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Runs `start` once the invocation is released: now, if it already is.
-    pub(crate) fn after_release(&self, start: impl FnOnce() + Send + 'static) {
-        let mut held = self.held();
-        match held.as_mut() {
-            Some(deferred) => deferred.push(Box::new(start)),
-            None => {
-                drop(held);
-                start();
-            }
-        }
-    }
-
-    /// A driver of one of its requests starts.
-    pub(crate) fn enter(&self) {
-        self.drivers.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// A driver of one of its requests retires.
-    pub(crate) fn leave(&self) {
-        if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.settled.notify_waiters();
-        }
     }
 
     /// How many drivers of its requests are at work.
@@ -97,25 +71,9 @@ impl Invocation {
         }
     }
 
-    /// Fires when the invocation's time runs out; its token is also cancelled with the drain's
-    /// layer's shutdown.
-    pub(crate) fn stop_signal(&self) -> &StopSignal {
-        &self.stop
-    }
-
     /// Stops the work of its requests: its time ran out.
-    pub(crate) fn stop(&self) {
+    pub(crate) fn time_out(&self) {
         self.stop.fire();
-    }
-
-    /// Whether [`Invocation::stop`] was called.
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.stop.is_fired()
-    }
-
-    /// Whether the layer it was made for shut down, and its grace ran out.
-    pub(crate) fn is_shut_down(&self) -> bool {
-        self.drain.shutdown().is_fired()
     }
 
     /// Starts the work held back so far, in the order it arrived; later work starts at once.
@@ -138,19 +96,19 @@ impl Hold {
             held: Mutex::new(Some(Vec::new())),
             drivers: AtomicUsize::new(0),
             settled: Notify::new(),
-            stop: drain.shutdown().child(),
+            stop: StopSignal::default(),
             drain,
         }))
     }
 
-    /// Calls `f` with the invocation as the current one.
+    /// Calls `f` with the invocation as the current host.
     pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(self.0.clone(), f)
+        host::sync_scope(self.0.clone(), f)
     }
 
-    /// `future`, polled with the invocation as the current one.
-    pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<Arc<Invocation>, F> {
-        CURRENT.scope(self.0.clone(), future)
+    /// `future`, polled with the invocation as the current host.
+    pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<Arc<dyn Host>, F> {
+        host::scope(self.0.clone(), future)
     }
 
     /// Starts the work held back: the invocation's response is posted.
@@ -164,5 +122,45 @@ impl Drop for Hold {
     fn drop(&mut self) {
         // A no-op after `release`.
         self.0.release();
+    }
+}
+
+impl Host for Invocation {
+    fn after_response(&self, start: Box<dyn FnOnce() + Send>) {
+        let mut held = self.held();
+        match held.as_mut() {
+            Some(deferred) => deferred.push(start),
+            None => {
+                drop(held);
+                start();
+            }
+        }
+    }
+
+    fn enter(&self) {
+        self.drivers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// A shutdown of the layer it was made for stops its work as a shutdown; its own time
+    /// running out, as a timeout.
+    fn stop(&self) -> Option<Stop> {
+        if self.drain.shutdown().is_fired() {
+            return Some(Stop::Shutdown);
+        }
+        self.stop.is_fired().then_some(Stop::Host(NEAR_DEADLINE))
+    }
+
+    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let own = self.stop.fired();
+        let drain = self.drain.shutdown().fired();
+        Box::pin(async move {
+            select(pin!(own), pin!(drain)).await;
+        })
     }
 }

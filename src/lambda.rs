@@ -48,8 +48,10 @@ use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::deadline::{self, until};
 use crate::hold::{Hold, Invocation};
-use crate::tasks::{until, Shared};
+use crate::host::Host;
+use crate::ledger::Shared;
 use crate::AfterTasks;
 
 /// A layer for `lambda_runtime`'s [`Runtime::layer`](lambda_runtime::Runtime::layer): each
@@ -124,6 +126,8 @@ impl DrainLayer {
     /// `tasks` these are.
     #[must_use]
     pub fn new(tasks: AfterTasks) -> Self {
+        // The thread that keeps invocations' deadlines when every worker is blocked.
+        deadline::start();
         Self {
             shared: tasks.shared().clone(),
         }
@@ -227,7 +231,7 @@ pin_project! {
         F: Future,
     {
         #[pin]
-        inner: TaskLocalFuture<Arc<Invocation>, F>,
+        inner: TaskLocalFuture<Arc<dyn Host>, F>,
         // `Some` until the response is posted.
         hold: Option<Hold>,
         cap: Option<Instant>,
@@ -281,7 +285,7 @@ async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
         return;
     }
     let requests = invocation.busy();
-    invocation.stop();
+    invocation.time_out();
     tracing::warn!(
         requests,
         "after callbacks cancelled: the Lambda invocation's deadline is {:?} away",

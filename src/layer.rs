@@ -14,7 +14,6 @@ use tower_service::Service;
 use tokio::sync::Semaphore;
 
 use crate::driver::Config;
-use crate::tasks::Shared;
 use crate::{After, AfterContext, AfterService, AfterTasks};
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see
@@ -49,8 +48,7 @@ use crate::{After, AfterContext, AfterService, AfterTasks};
 ///   compressed bytes, outside the uncompressed ones.
 #[derive(Clone)]
 pub struct AfterLayer {
-    shared: Arc<Shared>,
-    config: Config,
+    config: Arc<Config>,
 }
 
 impl AfterLayer {
@@ -66,14 +64,14 @@ impl AfterLayer {
     #[must_use]
     pub fn new() -> Self {
         Self {
-            shared: Arc::default(),
-            config: Config {
+            config: Arc::new(Config {
+                shared: Arc::default(),
                 max_duration: Self::DEFAULT_MAX_DURATION,
                 limit: None,
                 limit_size: None,
                 on_response: None,
                 max_pending: Self::DEFAULT_MAX_PENDING,
-            },
+            }),
         }
     }
 
@@ -92,7 +90,7 @@ impl AfterLayer {
     /// ```
     #[must_use]
     pub fn max_duration(mut self, max_duration: Duration) -> Self {
-        self.config.max_duration = max_duration;
+        Arc::make_mut(&mut self.config).max_duration = max_duration;
         self
     }
 
@@ -126,8 +124,8 @@ impl AfterLayer {
             limit > 0,
             "`AfterLayer::concurrency_limit(0)` would never run a callback: give at least 1"
         );
-        self.config.limit = Some(Arc::new(Semaphore::new(limit)));
-        self.config.limit_size = Some(limit);
+        Arc::make_mut(&mut self.config).limit = Some(Arc::new(Semaphore::new(limit)));
+        Arc::make_mut(&mut self.config).limit_size = Some(limit);
         self
     }
 
@@ -165,7 +163,8 @@ impl AfterLayer {
         C: Fn(AfterContext) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        self.config.on_response = Some(Arc::new(move |ctx| Box::pin(hook(ctx))));
+        Arc::make_mut(&mut self.config).on_response =
+            Some(Arc::new(move |ctx| Box::pin(hook(ctx))));
         self
     }
 
@@ -195,7 +194,7 @@ impl AfterLayer {
     /// ```
     #[must_use]
     pub fn max_pending(mut self, max_pending: usize) -> Self {
-        self.config.max_pending = max_pending;
+        Arc::make_mut(&mut self.config).max_pending = max_pending;
         self
     }
 
@@ -209,7 +208,7 @@ impl AfterLayer {
     /// ```
     #[must_use]
     pub fn tasks(&self) -> AfterTasks {
-        AfterTasks::new(self.shared.clone())
+        AfterTasks::new(self.config.shared.clone())
     }
 }
 
@@ -223,7 +222,7 @@ impl<S> Layer<S> for AfterLayer {
     type Service = AfterService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AfterService::new(inner, self.shared.clone(), self.config.clone())
+        AfterService::new(inner, self.config.clone())
     }
 }
 

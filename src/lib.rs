@@ -332,6 +332,7 @@ pub struct ReadmeDoctests;
 mod body;
 mod callback;
 mod context;
+mod deadline;
 mod driver;
 #[cfg(feature = "axum")]
 mod extract;
@@ -339,10 +340,12 @@ mod future;
 mod handle;
 #[cfg(feature = "lambda")]
 mod hold;
+mod host;
 #[cfg(feature = "lambda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
 pub mod lambda;
 mod layer;
+mod ledger;
 mod scope;
 mod service;
 mod snapshot;
@@ -357,6 +360,7 @@ pub use extract::MissingAfterLayer;
 pub use future::ResponseFuture;
 pub use handle::{after, try_after, After, AfterWork};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
+pub use ledger::AfterStats;
 pub use service::AfterService;
 pub use snapshot::RequestSnapshot;
-pub use tasks::{AfterStats, AfterTasks, Overloaded, ShutdownReport};
+pub use tasks::{AfterTasks, Overloaded, ShutdownReport};

@@ -134,12 +134,16 @@ impl<J: Named> Scope<J> {
         self.state().take_named(name)
     }
 
-    /// Marks the response as finished: what was queued may now be taken. A driver that already
-    /// runs (for early work) is woken, so that it learns of the end and its deadline.
-    pub(crate) fn finish(&self) -> Next {
+    /// Marks the response as finished: what was queued may now be taken, `first` (if any) before
+    /// the rest. A driver that already runs (for early work) is woken, so that it learns of the
+    /// end and its deadline.
+    pub(crate) fn finish(&self, first: Option<J>) -> Next {
         let mut state = self.state();
         debug_assert!(!state.finished, "a request finishes once");
         state.finished = true;
+        if let Some(first) = first {
+            state.queue.insert(0, first);
+        }
         match state.driver {
             Driver::Absent if state.queue.is_empty() => Next::Nothing,
             _ => state.call_driver(),
@@ -285,7 +289,7 @@ mod tests {
             scope.register(job(2), Start::AfterResponse).0,
             Next::Nothing
         ));
-        assert!(matches!(scope.finish(), Next::Spawn));
+        assert!(matches!(scope.finish(None), Next::Spawn));
         assert_eq!(jobs(&scope, true), Some(vec![1, 2]));
         assert_eq!(
             jobs(&scope, true),
@@ -297,7 +301,7 @@ mod tests {
     #[test]
     fn a_request_without_work_never_needs_a_driver() {
         let scope = Scope::<Job>::new();
-        assert!(matches!(scope.finish(), Next::Nothing));
+        assert!(matches!(scope.finish(None), Next::Nothing));
     }
 
     #[test]
@@ -311,7 +315,7 @@ mod tests {
         // The driver runs the early work, and waits.
         assert_eq!(jobs(&scope, true), Some(vec![1]));
         // The end of the response wakes it, for the queued work and the deadline.
-        assert!(matches!(scope.finish(), Next::Wake(_)));
+        assert!(matches!(scope.finish(None), Next::Wake(_)));
         assert_eq!(jobs(&scope, false), Some(vec![2]));
         assert!(matches!(
             scope.register(job(3), Start::AfterResponse).0,
@@ -334,7 +338,7 @@ mod tests {
             scope.register(named(3), Start::AfterResponse).0,
             Next::Nothing
         ));
-        assert!(matches!(scope.finish(), Next::Spawn));
+        assert!(matches!(scope.finish(None), Next::Spawn));
         assert_eq!(jobs(&scope, true), Some(vec![3]));
         assert_eq!(
             scope.forget("audit"),
@@ -347,7 +351,7 @@ mod tests {
     fn an_abandoned_scope_spawns_a_new_driver_for_later_work() {
         let scope = Scope::new();
         let _ = scope.register(job(1), Start::AfterResponse);
-        let _ = scope.finish();
+        let _ = scope.finish(None);
         let abandoned: Vec<_> = scope.abandon().into_iter().collect();
         assert_eq!(abandoned, [job(1)]);
         assert!(matches!(

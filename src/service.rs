@@ -10,7 +10,6 @@ use tower_service::Service;
 use crate::body::Finisher;
 use crate::driver::{Config, Inflight, CURRENT};
 use crate::future::ResponseFuture;
-use crate::tasks::Shared;
 use crate::{After, AfterBody, Completion, RequestSnapshot};
 
 /// Middleware that lets the requests it serves schedule work for after their response.
@@ -37,17 +36,12 @@ use crate::{After, AfterBody, Completion, RequestSnapshot};
 #[derive(Clone)]
 pub struct AfterService<S> {
     inner: S,
-    shared: Arc<Shared>,
-    config: Config,
+    config: Arc<Config>,
 }
 
 impl<S> AfterService<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>, config: Config) -> Self {
-        Self {
-            inner,
-            shared,
-            config,
-        }
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
     }
 
     /// The inner service.
@@ -81,7 +75,7 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let snapshot = RequestSnapshot::new(&request);
-        let inflight = Inflight::open(snapshot, &self.shared, &self.config);
+        let inflight = Inflight::open(snapshot, &self.config);
         request
             .extensions_mut()
             .insert(After::new(inflight.clone()));

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tower_after::{AfterLayer, Completion};
+
+use tower_after::{After, AfterLayer, Completion};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use support::{eventually, fetch, serve, Journal, Seen};
@@ -25,6 +27,9 @@ struct Order {
 async fn panics() -> &'static str {
     panic!("handler bug")
 }
+
+/// Set once the `/slow` handler runs.
+static SLOW_STARTED: AtomicBool = AtomicBool::new(false);
 
 /// An app whose layer records every response with `on_response`; no handler registers anything.
 fn app(journal: &Journal, layer: AfterLayer) -> Router {
@@ -42,6 +47,7 @@ fn app(journal: &Journal, layer: AfterLayer) -> Router {
         .route(
             "/slow",
             get(|| async {
+                SLOW_STARTED.store(true, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 "too late"
             }),
@@ -95,7 +101,12 @@ async fn the_hook_sees_every_response_even_where_no_handler_ran() {
         .write_all(b"GET /slow HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();
-    eventually("the server to take the request", || tasks.pending() == 1).await;
+    eventually("the server to take the request", || {
+        SLOW_STARTED.load(Ordering::SeqCst)
+    })
+    .await;
+    // The hook waits for the response's end without holding a place meanwhile.
+    assert_eq!(tasks.pending(), 0);
     drop(stream);
     let seen = journal.wait_for("/slow", 1).await;
     assert_eq!(
@@ -138,4 +149,63 @@ async fn the_hook_is_drained_at_shutdown() {
     let report = tasks.shutdown(Duration::from_secs(20)).await;
     assert_eq!((report.completed(), report.cancelled()), (3, 0));
     assert_eq!(journal.for_path("/ok").len(), 3);
+}
+
+#[tokio::test]
+async fn open_responses_hold_no_place_under_max_pending() {
+    // Three streams stay open; with a bound of two, a fourth request's work is still taken.
+    let layer = AfterLayer::new().max_pending(2).on_response(|_| async {});
+    let tasks = layer.tasks();
+    let (hold, held) = tokio::sync::watch::channel(());
+    let app = Router::new()
+        .route(
+            "/stream",
+            get(move || {
+                let mut held = held.clone();
+                async move {
+                    let stream = async_stream(move || async move {
+                        let _ = held.changed().await;
+                    });
+                    axum::body::Body::from_stream(stream)
+                }
+            }),
+        )
+        .route(
+            "/work",
+            get(|after: After| async move {
+                match after.try_run_with(|_| async {}) {
+                    Ok(()) => "taken",
+                    Err(_) => "refused",
+                }
+            }),
+        )
+        .layer(layer);
+    let address = serve(app).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /stream HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        streams.push(stream);
+    }
+    let (status, body) = fetch(address, "GET", "/work").await;
+    assert_eq!((status, &body[..]), (http::StatusCode::OK, &b"taken"[..]));
+    assert_eq!(tasks.stats().shed(), 0);
+    drop(hold);
+    drop(streams);
+    eventually("every hook to end", || tasks.pending() == 0).await;
+}
+
+/// A body stream of no frames that ends when `wait` resolves.
+fn async_stream<W, F>(
+    wait: W,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>>
+where
+    W: FnOnce() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    use futures_util::StreamExt;
+    futures_util::stream::once(wait()).filter_map(|()| async { None })
 }

@@ -160,26 +160,9 @@ fn a_short_grace_cancels_and_says_so() {
         stdout.contains(&format!("drained: 0 completed, {REQUESTS} cancelled")),
         "{stdout}"
     );
-    // Every callback's end is logged: by its driver, which the drain gives a moment to stop
-    // (one warning each, in its span), or, on a machine too loaded for that, when the exiting
-    // runtime drops the driver (one warning per request, with its count).
-    let per_callback = stderr
-        .lines()
-        .filter(|line| line.contains("after callback cancelled: the shutdown grace period ran out"))
-        .count() as u64;
-    let dropped_with_runtime: u64 = stderr
-        .lines()
-        .filter(|line| line.contains("the runtime shut down before they ended"))
-        .filter_map(|line| {
-            line.split("cancelled=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
-    assert_eq!(per_callback + dropped_with_runtime, REQUESTS, "{stderr}");
+    // One warning for the event, with the count, not one per callback.
+    let warnings = stderr.lines().filter(|line| line.contains("WARN")).count();
+    assert_eq!(warnings, 1, "{stderr}");
     assert!(
         stderr.contains(&format!(
             "grace period of 50ms ran out completed=0 cancelled={REQUESTS}"

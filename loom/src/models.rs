@@ -126,7 +126,7 @@ impl World {
 
     fn finish(&self) {
         self.finished.store(true, Ordering::SeqCst);
-        let next = self.scope.finish();
+        let next = self.scope.finish(None);
         self.act(next);
     }
 

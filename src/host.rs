@@ -1,0 +1,62 @@
+//! The one seam for platforms that freeze the process between invocations.
+//!
+//! On AWS Lambda (`lambda::DrainLayer`), the environment is frozen as soon as the runtime asks
+//! for the next event, so an invocation must hold its requests' work back until its response is
+//! posted, then wait for it, and stop it before its deadline. Cloudflare's `waitUntil`, or an
+//! executor that freezes, would need the same three things. A [`Host`] provides them; the
+//! driver asks the host of the request, if it has one, and knows nothing of Lambda.
+//!
+//! A host is found the way `After::current` finds its request: through a task-local, set by the
+//! platform's layer around the code that serves an invocation.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::task::futures::TaskLocalFuture;
+
+use crate::callback::Stop;
+
+/// A platform that runs a request's after-work on its own terms.
+pub(crate) trait Host: Send + Sync {
+    /// Runs `start` once the platform has delivered the response: at once if it has.
+    fn after_response(&self, start: Box<dyn FnOnce() + Send>);
+
+    /// A driver of one of its requests starts; the host waits for it until [`Host::leave`].
+    fn enter(&self);
+
+    /// A driver of one of its requests retires, or is dropped.
+    fn leave(&self);
+
+    /// Why its work must stop at once, if it must.
+    fn stop(&self) -> Option<Stop>;
+
+    /// Resolves whenever [`Host::stop`] may have an answer: made before asking it, it misses
+    /// none.
+    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+tokio::task_local! {
+    /// The host serving the current task, if any.
+    static CURRENT: Arc<dyn Host>;
+}
+
+/// The host of the request entering the layer now, if it has one.
+pub(crate) fn current() -> Option<Arc<dyn Host>> {
+    CURRENT.try_with(Arc::clone).ok()
+}
+
+/// Calls `f` with `host` as the current host.
+#[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+pub(crate) fn sync_scope<R>(host: Arc<dyn Host>, f: impl FnOnce() -> R) -> R {
+    CURRENT.sync_scope(host, f)
+}
+
+/// `future`, polled with `host` as the current host.
+#[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+pub(crate) fn scope<F: Future>(
+    host: Arc<dyn Host>,
+    future: F,
+) -> TaskLocalFuture<Arc<dyn Host>, F> {
+    CURRENT.scope(host, future)
+}

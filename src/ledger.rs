@@ -1,0 +1,576 @@
+//! The state that every request of a layer shares: how many callbacks are pending, how each one
+//! ended, and the signal that stops them all.
+//!
+//! Every request with work touches it, from every worker thread, so it holds no lock. Pending
+//! callbacks are counted in one atomic word (as tokio-util's `TaskTracker` counts its tasks), and
+//! the totals are relaxed atomic counters. A callback's ending is counted *before* it leaves the
+//! pending count, so that whoever sees nothing pending (`idle()`, a drain) also sees every total
+//! settled.
+//!
+//! A shutdown whose grace runs out cannot wait for callbacks stuck inside a poll (a blocking call
+//! where an `.await` should be), nor for a runtime that is no longer driven: it *closes* the
+//! layer and *writes off* what is still pending. Closing and writing off are one change of the
+//! word, so every pending callback is either counted by its own end or written off by the
+//! shutdown, never both: a callback that is counting its end at that very moment (`COUNTING`) is
+//! left to finish counting, and one that ends later finds the layer closed and counts nothing
+//! more. A closed layer takes no more work: the process is going away.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
+
+/// One pending callback in [`Shared::state`].
+const ONE: u64 = 1;
+/// Pending callbacks: the low 40 bits.
+const PENDING: u64 = (1 << 40) - 1;
+/// One callback counting its end right now: bits 40 to 62.
+const COUNTING: u64 = 1 << 40;
+/// The layer was shut down and its pending work written off.
+const CLOSED: u64 = 1 << 63;
+
+fn pending(state: u64) -> u64 {
+    state & PENDING
+}
+
+fn counting(state: u64) -> u64 {
+    (state & !CLOSED) >> 40
+}
+
+/// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
+/// serves.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// Pending callbacks, those counting their end right now, and `CLOSED`.
+    state: AtomicU64,
+    totals: Totals,
+    /// Callers of `idle()` that wait: reaching zero wakes them, and costs nothing without.
+    idle_waiters: AtomicUsize,
+    /// Woken whenever nothing is pending any more and someone waits.
+    idle: Notify,
+    /// Fired once a shutdown's grace ran out: every driver stops its work.
+    shutdown: StopSignal,
+    /// One drain at a time, so that two shutdowns never report the same callback.
+    pub(crate) drain: tokio::sync::Mutex<()>,
+    /// The runtime that served the layer's first request with work: where work registered from
+    /// a plain thread, or from a runtime that is not serving, is run.
+    runtime: OnceLock<Handle>,
+    /// Refusals, for one warning a second at most.
+    refusals: Refusals,
+}
+
+/// The totals, each counted on its own: they agree with each other whenever nothing is pending
+/// (see [`Shared::ended`]).
+#[derive(Default)]
+struct Totals {
+    scheduled: AtomicU64,
+    completed: AtomicU64,
+    panicked: AtomicU64,
+    timed_out: AtomicU64,
+    cancelled: AtomicU64,
+    forgotten: AtomicU64,
+    shed: AtomicU64,
+    /// Written off by a shutdown: cancelled, but in the report of the drain that wrote them off
+    /// only.
+    written_off: AtomicU64,
+    /// Written-off callbacks that have since ended (they were stuck, or stopped at last).
+    written_off_ended: AtomicU64,
+    running: AtomicU64,
+    queued: AtomicU64,
+}
+
+impl Totals {
+    fn of(&self, how: Ended) -> &AtomicU64 {
+        match how {
+            Ended::Completed => &self.completed,
+            Ended::Panicked => &self.panicked,
+            Ended::TimedOut => &self.timed_out,
+            Ended::Cancelled => &self.cancelled,
+            Ended::Forgotten => &self.forgotten,
+        }
+    }
+}
+
+/// How a callback ended, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// It ran to its end.
+    Completed,
+    /// It panicked.
+    Panicked,
+    /// Its request's budget, or its platform's time, ran out first.
+    TimedOut,
+    /// A shutdown, or the lack of a runtime, dropped it.
+    Cancelled,
+    /// It was replaced by a callback of the same name, or forgotten, before it started.
+    Forgotten,
+}
+
+/// The gauges, for [`Shared::gauge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gauge {
+    Running,
+    Queued,
+}
+
+/// Why new work was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The layer holds its maximum of pending callbacks: counted as shed.
+    Overloaded,
+    /// The layer was shut down: not counted, the shutdown's report is final.
+    ShutDown,
+}
+
+/// Refused work since the last warning about it, and when that was.
+#[derive(Default)]
+struct Refusals {
+    /// Milliseconds since `since` at the last warning, plus one; 0 before the first.
+    last_warning: AtomicU64,
+    unreported: AtomicU64,
+    since: OnceLock<Instant>,
+}
+
+impl Refusals {
+    /// Counts one refusal; `Some(refused since the last warning)` when a warning is due now.
+    fn refused(&self) -> Option<u64> {
+        self.unreported.fetch_add(1, Ordering::Relaxed);
+        let since = *self.since.get_or_init(Instant::now);
+        let now = u64::try_from(since.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last_warning.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= 1_000;
+        (due && (self.last_warning)
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok())
+        .then(|| self.unreported.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// A callback's line in the ledger, from its registration: it ends exactly once, as told with
+/// [`Ticket::close`], or as cancelled when dropped without that.
+pub(crate) struct Ticket {
+    shared: Arc<Shared>,
+    open: bool,
+}
+
+impl Ticket {
+    /// Ends the line as `how`, unless it has ended already.
+    pub(crate) fn close(&mut self, how: Ended) {
+        if self.open {
+            self.open = false;
+            self.shared.ended(how);
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.close(Ended::Cancelled);
+    }
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket").field("open", &self.open).finish()
+    }
+}
+
+/// A refused registration, with the warning to log when one is due.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) why: Refusal,
+    /// `Some(refused since the last warning)` when a warning is due now.
+    pub(crate) warn: Option<u64>,
+}
+
+impl Shared {
+    /// Counts a newly registered callback, until its ticket ends. When the layer already holds
+    /// `bound` pending callbacks, the callback is refused and counted as shed instead; when it
+    /// was shut down, it is refused and not counted.
+    pub(crate) fn ticket(self: &Arc<Self>, bound: usize) -> Result<Ticket, Refused> {
+        let bound = u64::try_from(bound).unwrap_or(u64::MAX).min(PENDING);
+        // Counted before it is pending, so that no reader sees it end before it was scheduled.
+        self.totals.scheduled.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            if state & CLOSED != 0 {
+                self.totals.scheduled.fetch_sub(1, Ordering::Relaxed);
+                let warn = self.refusals.refused();
+                return Err(Refused {
+                    why: Refusal::ShutDown,
+                    warn,
+                });
+            }
+            if pending(state) >= bound {
+                self.totals.shed.fetch_add(1, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                {
+                    metrics::counter!(names::SCHEDULED).increment(1);
+                    metrics::counter!(names::SHED).increment(1);
+                }
+                let warn = self.refusals.refused();
+                return Err(Refused {
+                    why: Refusal::Overloaded,
+                    warn,
+                });
+            }
+            match self.state.compare_exchange_weak(
+                state,
+                state + ONE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => state = now,
+            }
+        }
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::SCHEDULED).increment(1);
+        Ok(Ticket {
+            shared: self.clone(),
+            open: true,
+        })
+    }
+
+    /// Accounts for the end of a pending callback: its total first, then the pending count, so
+    /// that whoever sees the pending count at zero also sees the total.
+    fn ended(&self, how: Ended) {
+        let state = self.state.fetch_add(COUNTING, Ordering::AcqRel);
+        if state & CLOSED != 0 {
+            // Written off: the shutdown counted it as cancelled already.
+            self.state.fetch_sub(COUNTING, Ordering::AcqRel);
+            self.totals
+                .written_off_ended
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.totals.of(how).fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::ended(how)).increment(1);
+        let state = self.state.fetch_sub(COUNTING + ONE, Ordering::SeqCst) - (COUNTING + ONE);
+        if pending(state) == 0 && self.idle_waiters.load(Ordering::SeqCst) > 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub(crate) fn gauge(&self, gauge: Gauge, up: bool) {
+        let value = match gauge {
+            Gauge::Running => &self.totals.running,
+            Gauge::Queued => &self.totals.queued,
+        };
+        if up {
+            value.fetch_add(1, Ordering::Relaxed);
+        } else {
+            value.fetch_sub(1, Ordering::Relaxed);
+        }
+        #[cfg(feature = "metrics")]
+        {
+            let name = match gauge {
+                Gauge::Running => names::RUNNING,
+                Gauge::Queued => names::QUEUED,
+            };
+            let gauge = metrics::gauge!(name);
+            if up {
+                gauge.increment(1.0);
+            } else {
+                gauge.decrement(1.0);
+            }
+        }
+    }
+
+    /// Fired once a shutdown's grace ran out.
+    pub(crate) fn shutdown(&self) -> &StopSignal {
+        &self.shutdown
+    }
+
+    /// The runtime to run work registered outside the runtime that serves the request, once
+    /// one is known.
+    pub(crate) fn runtime(&self) -> Option<&Handle> {
+        self.runtime.get()
+    }
+
+    /// Remembers `runtime` as the serving runtime, if none is yet.
+    pub(crate) fn serves_on(&self, runtime: &Handle) {
+        if self.runtime.get().is_none() {
+            let _ = self.runtime.set(runtime.clone());
+        }
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        usize::try_from(pending(self.state.load(Ordering::SeqCst))).unwrap_or(usize::MAX)
+    }
+
+    /// Written-off callbacks that have not ended yet.
+    pub(crate) fn stuck(&self) -> u64 {
+        let ended = self.totals.written_off_ended.load(Ordering::Relaxed);
+        (self.totals.written_off.load(Ordering::Relaxed)).saturating_sub(ended)
+    }
+
+    pub(crate) fn stats(&self) -> AfterStats {
+        let totals = &self.totals;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        AfterStats {
+            scheduled: load(&totals.scheduled),
+            completed: load(&totals.completed),
+            panicked: load(&totals.panicked),
+            timed_out: load(&totals.timed_out),
+            cancelled: load(&totals.cancelled) + load(&totals.written_off),
+            forgotten: load(&totals.forgotten),
+            shed: load(&totals.shed),
+            running: load(&totals.running),
+            queued: load(&totals.queued),
+        }
+    }
+
+    /// The totals a drain reports the difference of: written-off callbacks are left out, they
+    /// count in the report of the drain that wrote them off.
+    pub(crate) fn settled(&self) -> AfterStats {
+        let mut stats = self.stats();
+        stats.cancelled -= self.totals.written_off.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Closes the layer, writes off every pending callback as cancelled, and tells every driver
+    /// to stop. Returns how many it wrote off: none if the layer was closed already.
+    pub(crate) fn write_off(&self) -> u64 {
+        let mut state = self.state.load(Ordering::Relaxed);
+        let written_off = loop {
+            if state & CLOSED != 0 {
+                break 0;
+            }
+            // Those counting their end right now are left to count it.
+            let written_off = pending(state) - counting(state);
+            let closed = (state | CLOSED) - written_off * ONE;
+            match self.state.compare_exchange_weak(
+                state,
+                closed,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break written_off,
+                Err(now) => state = now,
+            }
+        };
+        self.totals
+            .written_off
+            .fetch_add(written_off, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::ended(Ended::Cancelled)).increment(written_off);
+        self.shutdown.fire();
+        if self.pending() == 0 && self.idle_waiters.load(Ordering::SeqCst) > 0 {
+            self.idle.notify_waiters();
+        }
+        written_off
+    }
+
+    /// Resolves as soon as nothing is pending.
+    pub(crate) async fn idle(&self) {
+        /// Counts its caller among the waiters while it lives, however the wait ends.
+        struct Waiting<'a>(&'a Shared);
+
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+
+        let mut waiting = None;
+        loop {
+            // A `Notified` hears every `notify_waiters` from its creation on, even before it is
+            // polled: created before the check, it cannot miss the drop to zero. The waiter is
+            // counted before the check, and the last callback to end counts its end before it
+            // reads the waiters: one of the two sees the other.
+            let notified = self.idle.notified();
+            if waiting.is_none() {
+                self.idle_waiters.fetch_add(1, Ordering::SeqCst);
+                waiting = Some(Waiting(self));
+            }
+            if self.pending() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Tells work to stop at once: a flag that drivers read before each start of work, and waiters
+/// for those that wait. The waiters are spread over a few `Notify`s, as Tokio's `watch` spreads
+/// its own, so that drivers on different threads do not queue on one lock to start waiting.
+#[derive(Default)]
+pub(crate) struct StopSignal {
+    fired: AtomicBool,
+    shards: [Arc<Notify>; SHARDS],
+}
+
+const SHARDS: usize = 8;
+
+thread_local! {
+    /// The shard this thread's waiters use: threads take them in turn.
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
+}
+
+impl StopSignal {
+    /// Tells the work to stop.
+    pub(crate) fn fire(&self) {
+        // Set before the waiters are woken, so that a woken driver finds it set.
+        self.fired.store(true, Ordering::SeqCst);
+        for shard in &self.shards {
+            shard.notify_waiters();
+        }
+    }
+
+    /// Whether [`StopSignal::fire`] was called.
+    pub(crate) fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the signal fired after its creation. Check [`StopSignal::is_fired`] after
+    /// creating it, not before: it hears every firing from its creation on.
+    pub(crate) fn fired(&self) -> OwnedNotified {
+        let shard = SHARD.with(|shard| *shard);
+        self.shards[shard].clone().notified_owned()
+    }
+}
+
+#[cfg(feature = "metrics")]
+pub(crate) mod names {
+    use super::Ended;
+
+    pub(crate) const SCHEDULED: &str = "tower_after_callbacks_scheduled_total";
+    pub(crate) const SHED: &str = "tower_after_callbacks_shed_total";
+    pub(crate) const RUNNING: &str = "tower_after_callbacks_running";
+    pub(crate) const QUEUED: &str = "tower_after_callbacks_queued";
+
+    pub(crate) fn ended(how: Ended) -> &'static str {
+        match how {
+            Ended::Completed => "tower_after_callbacks_completed_total",
+            Ended::Panicked => "tower_after_callbacks_panicked_total",
+            Ended::TimedOut => "tower_after_callbacks_timed_out_total",
+            Ended::Cancelled => "tower_after_callbacks_cancelled_total",
+            Ended::Forgotten => "tower_after_callbacks_forgotten_total",
+        }
+    }
+}
+
+/// Counters and gauges of the callbacks of one [`AfterLayer`](crate::AfterLayer) and its clones,
+/// from [`AfterTasks::stats`].
+///
+/// The totals only grow. Every callback scheduled is, at any moment, either pending (see
+/// [`AfterTasks::pending`]: queued behind its response, waiting for a concurrency permit, or
+/// running) or counted in exactly one of `completed`, `panicked`, `timed_out`, `cancelled`,
+/// `forgotten` and `shed`.
+///
+/// With the `metrics` feature, the same numbers are published through the [`metrics`] facade:
+///
+/// | name | kind |
+/// |---|---|
+/// | `tower_after_callbacks_scheduled_total` | counter |
+/// | `tower_after_callbacks_completed_total` | counter |
+/// | `tower_after_callbacks_panicked_total` | counter |
+/// | `tower_after_callbacks_timed_out_total` | counter |
+/// | `tower_after_callbacks_cancelled_total` | counter |
+/// | `tower_after_callbacks_forgotten_total` | counter |
+/// | `tower_after_callbacks_shed_total` | counter |
+/// | `tower_after_callbacks_running` | gauge |
+/// | `tower_after_callbacks_queued` | gauge |
+///
+/// [`metrics`]: https://docs.rs/metrics
+///
+/// ```
+/// let tasks = tower_after::AfterLayer::new().tasks();
+/// let stats = tasks.stats();
+/// let ended = stats.completed() + stats.panicked() + stats.timed_out() + stats.cancelled()
+///     + stats.forgotten() + stats.shed();
+/// assert_eq!(stats.scheduled(), ended + tasks.pending() as u64);
+/// println!("{} running, {} waiting for a place", stats.running(), stats.queued());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AfterStats {
+    pub(crate) scheduled: u64,
+    pub(crate) completed: u64,
+    pub(crate) panicked: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) cancelled: u64,
+    pub(crate) forgotten: u64,
+    pub(crate) shed: u64,
+    pub(crate) running: u64,
+    pub(crate) queued: u64,
+}
+
+impl AfterStats {
+    /// Callbacks and `wait_until` futures registered, in total.
+    #[must_use]
+    pub fn scheduled(&self) -> u64 {
+        self.scheduled
+    }
+
+    /// Callbacks that ran to their end.
+    #[must_use]
+    pub fn completed(&self) -> u64 {
+        self.completed
+    }
+
+    /// Callbacks that panicked (each one logged as an error).
+    #[must_use]
+    pub fn panicked(&self) -> u64 {
+        self.panicked
+    }
+
+    /// Callbacks cancelled because their request's max duration ran out, whether they had
+    /// started or were still waiting; on AWS Lambda, also those cancelled because their
+    /// invocation's deadline was near (`lambda::DrainLayer`, feature `lambda`).
+    #[must_use]
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out
+    }
+
+    /// Callbacks cancelled by a shutdown whose grace period ran out, or dropped because no Tokio
+    /// runtime was there to run them.
+    #[must_use]
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled
+    }
+
+    /// Named callbacks replaced by a later one of the same name, or removed with
+    /// [`After::forget`](crate::After::forget), before they started.
+    #[must_use]
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// Callbacks refused when registered, because the layer already held its
+    /// [maximum of pending callbacks](crate::AfterLayer::max_pending). They never ran; each
+    /// refusal is also logged (a `WARN` a second at most, with the count).
+    #[must_use]
+    pub fn shed(&self) -> u64 {
+        self.shed
+    }
+
+    /// Callbacks running now.
+    #[must_use]
+    pub fn running(&self) -> u64 {
+        self.running
+    }
+
+    /// Callbacks waiting now for a place under the concurrency limit.
+    #[must_use]
+    pub fn queued(&self) -> u64 {
+        self.queued
+    }
+}
+
+/// How long a shutdown whose grace ran out lets cancelled callbacks stop before it returns.
+pub(crate) const SETTLE: Duration = Duration::from_millis(50);
