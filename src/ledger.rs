@@ -2,18 +2,16 @@
 //! ended, and the signal that stops them all.
 //!
 //! Every request with work touches it, from every worker thread, so it holds no lock. Pending
-//! callbacks are counted in one atomic word (as tokio-util's `TaskTracker` counts its tasks), and
-//! the totals are relaxed atomic counters. A callback's ending is counted *before* it leaves the
-//! pending count, so that whoever sees nothing pending (`idle()`, a drain) also sees every total
-//! settled.
+//! callbacks are counted in one atomic word (`pending.rs`, as tokio-util's `TaskTracker` counts
+//! its tasks), and the totals are relaxed atomic counters. A callback's ending is counted
+//! *before* it leaves the pending count, so that whoever sees nothing pending (`idle()`, a drain)
+//! also sees every total settled.
 //!
 //! A shutdown whose grace runs out cannot wait for callbacks stuck inside a poll (a blocking call
 //! where an `.await` should be), nor for a runtime that is no longer driven: it *closes* the
-//! layer and *writes off* what is still pending. Closing and writing off are one change of the
-//! word, so every pending callback is either counted by its own end or written off by the
-//! shutdown, never both: a callback that is counting its end at that very moment (`COUNTING`) is
-//! left to finish counting, and one that ends later finds the layer closed and counts nothing
-//! more. A closed layer takes no more work: the process is going away.
+//! layer and *writes off* what is still pending, in one step, so that each callback is counted
+//! once: by its own ending, or as written off. A closed layer takes no more work: the process is
+//! going away.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,29 +22,13 @@ use tokio::runtime::Handle;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
-/// One pending callback in [`Shared::state`].
-const ONE: u64 = 1;
-/// Pending callbacks: the low 40 bits.
-const PENDING: u64 = (1 << 40) - 1;
-/// One callback counting its end right now: bits 40 to 62.
-const COUNTING: u64 = 1 << 40;
-/// The layer was shut down and its pending work written off.
-const CLOSED: u64 = 1 << 63;
-
-fn pending(state: u64) -> u64 {
-    state & PENDING
-}
-
-fn counting(state: u64) -> u64 {
-    (state & !CLOSED) >> 40
-}
+use crate::pending::{Full, Pending};
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.
 #[derive(Default)]
 pub(crate) struct Shared {
-    /// Pending callbacks, those counting their end right now, and `CLOSED`.
-    state: AtomicU64,
+    pending: Pending,
     totals: Totals,
     /// Callers of `idle()` that wait: reaching zero wakes them, and costs nothing without.
     idle_waiters: AtomicUsize,
@@ -198,12 +180,11 @@ impl Shared {
     /// `bound` pending callbacks, the callback is refused and counted as shed instead; when it
     /// was shut down, it is refused and not counted.
     pub(crate) fn ticket(self: &Arc<Self>, bound: usize) -> Result<Ticket, Refused> {
-        let bound = u64::try_from(bound).unwrap_or(u64::MAX).min(PENDING);
         // Counted before it is pending, so that no reader sees it end before it was scheduled.
         self.totals.scheduled.fetch_add(1, Ordering::Relaxed);
-        let mut state = self.state.load(Ordering::Relaxed);
-        loop {
-            if state & CLOSED != 0 {
+        match self.pending.register(bound) {
+            Ok(()) => {}
+            Err(Full::Closed) => {
                 self.totals.scheduled.fetch_sub(1, Ordering::Relaxed);
                 let warn = self.refusals.refused();
                 return Err(Refused {
@@ -211,7 +192,7 @@ impl Shared {
                     warn,
                 });
             }
-            if pending(state) >= bound {
+            Err(Full::Bound) => {
                 self.totals.shed.fetch_add(1, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
                 {
@@ -223,15 +204,6 @@ impl Shared {
                     why: Refusal::Overloaded,
                     warn,
                 });
-            }
-            match self.state.compare_exchange_weak(
-                state,
-                state + ONE,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(now) => state = now,
             }
         }
         #[cfg(feature = "metrics")]
@@ -245,20 +217,30 @@ impl Shared {
     /// Accounts for the end of a pending callback: its total first, then the pending count, so
     /// that whoever sees the pending count at zero also sees the total.
     fn ended(&self, how: Ended) {
-        let state = self.state.fetch_add(COUNTING, Ordering::AcqRel);
-        if state & CLOSED != 0 {
+        let left = self.pending.end(|| {
+            self.totals.of(how).fetch_add(1, Ordering::Relaxed);
+        });
+        match left {
             // Written off: the shutdown counted it as cancelled already.
-            self.state.fetch_sub(COUNTING, Ordering::AcqRel);
-            self.totals
-                .written_off_ended
-                .fetch_add(1, Ordering::Relaxed);
-            return;
+            None => {
+                self.totals
+                    .written_off_ended
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Some(left) => {
+                #[cfg(feature = "metrics")]
+                metrics::counter!(names::ended(how)).increment(1);
+                if left == 0 {
+                    self.wake_idle();
+                }
+            }
         }
-        self.totals.of(how).fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        metrics::counter!(names::ended(how)).increment(1);
-        let state = self.state.fetch_sub(COUNTING + ONE, Ordering::SeqCst) - (COUNTING + ONE);
-        if pending(state) == 0 && self.idle_waiters.load(Ordering::SeqCst) > 0 {
+    }
+
+    /// Wakes the callers of `idle()`, if there are any. After the pending count reached zero:
+    /// they count themselves before they read it, so one of the two sees the other.
+    fn wake_idle(&self) {
+        if self.idle_waiters.load(Ordering::SeqCst) > 0 {
             self.idle.notify_waiters();
         }
     }
@@ -307,7 +289,7 @@ impl Shared {
     }
 
     pub(crate) fn pending(&self) -> usize {
-        usize::try_from(pending(self.state.load(Ordering::SeqCst))).unwrap_or(usize::MAX)
+        usize::try_from(self.pending.get()).unwrap_or(usize::MAX)
     }
 
     /// Written-off callbacks that have not ended yet.
@@ -343,32 +325,15 @@ impl Shared {
     /// Closes the layer, writes off every pending callback as cancelled, and tells every driver
     /// to stop. Returns how many it wrote off: none if the layer was closed already.
     pub(crate) fn write_off(&self) -> u64 {
-        let mut state = self.state.load(Ordering::Relaxed);
-        let written_off = loop {
-            if state & CLOSED != 0 {
-                break 0;
-            }
-            // Those counting their end right now are left to count it.
-            let written_off = pending(state) - counting(state);
-            let closed = (state | CLOSED) - written_off * ONE;
-            match self.state.compare_exchange_weak(
-                state,
-                closed,
-                Ordering::SeqCst,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break written_off,
-                Err(now) => state = now,
-            }
-        };
+        let written_off = self.pending.close();
         self.totals
             .written_off
             .fetch_add(written_off, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         metrics::counter!(names::ended(Ended::Cancelled)).increment(written_off);
         self.shutdown.fire();
-        if self.pending() == 0 && self.idle_waiters.load(Ordering::SeqCst) > 0 {
-            self.idle.notify_waiters();
+        if self.pending.get() == 0 {
+            self.wake_idle();
         }
         written_off
     }

@@ -346,6 +346,7 @@ mod host;
 pub mod lambda;
 mod layer;
 mod ledger;
+mod pending;
 mod scope;
 mod service;
 mod snapshot;

@@ -1,9 +1,16 @@
-//! The request state machine of `tower-after`, compiled on its own for its loom models.
+//! The request state machine and the pending count of `tower-after`, compiled on their own for
+//! their loom models.
 
 #![allow(dead_code, unreachable_pub)]
 
 #[path = "../../src/scope.rs"]
 mod scope;
 
+#[path = "../../src/pending.rs"]
+mod pending;
+
 #[cfg(all(test, loom))]
 mod models;
+
+#[cfg(all(test, loom))]
+mod pending_models;

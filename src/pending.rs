@@ -1,0 +1,110 @@
+//! How many callbacks of a layer are pending, in one atomic word that every request of the layer
+//! shares: registering is one compare-and-swap, ending one or two additions, and no lock.
+//!
+//! Two promises rest on it, and `loom/` checks both over every interleaving:
+//! - whoever sees nothing pending also sees every ending counted: an ending is counted (by the
+//!   caller's closure) *before* it leaves the pending count;
+//! - a shutdown that closes the layer and writes off what is pending counts each callback once:
+//!   either the callback counts its own ending, or the shutdown writes it off, never both. A
+//!   callback counting its ending at the very moment of the close (`COUNTING`) is left to
+//!   finish; one that ends after the close counts nothing.
+//!
+//! It knows nothing of Tokio or of what a callback is, so that it can be read on its own and
+//! model-checked.
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU64, Ordering};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One pending callback.
+const ONE: u64 = 1;
+/// Pending callbacks: the low 40 bits.
+const PENDING: u64 = (1 << 40) - 1;
+/// One callback counting its ending right now: bits 40 to 62.
+const COUNTING: u64 = 1 << 40;
+/// The layer was shut down and its pending work written off.
+const CLOSED: u64 = 1 << 63;
+
+/// The pending callbacks of one layer.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    state: AtomicU64,
+}
+
+/// Why [`Pending::register`] refused a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Full {
+    /// `bound` callbacks are pending already.
+    Bound,
+    /// The layer was closed.
+    Closed,
+}
+
+impl Pending {
+    /// Counts one more pending callback, unless `bound` are pending or the layer is closed.
+    pub(crate) fn register(&self, bound: usize) -> Result<(), Full> {
+        let bound = u64::try_from(bound).unwrap_or(u64::MAX).min(PENDING);
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            if state & CLOSED != 0 {
+                return Err(Full::Closed);
+            }
+            if state & PENDING >= bound {
+                return Err(Full::Bound);
+            }
+            match self.state.compare_exchange_weak(
+                state,
+                state + ONE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// Ends one pending callback: calls `count` to count how it ended, then takes it out of the
+    /// pending count. Returns how many are still pending, or `None` if a shutdown wrote it off
+    /// (and `count` was not called).
+    pub(crate) fn end(&self, count: impl FnOnce()) -> Option<u64> {
+        let state = self.state.fetch_add(COUNTING, Ordering::AcqRel);
+        if state & CLOSED != 0 {
+            self.state.fetch_sub(COUNTING, Ordering::AcqRel);
+            return None;
+        }
+        count();
+        let state = self.state.fetch_sub(COUNTING + ONE, Ordering::SeqCst);
+        Some((state - (COUNTING + ONE)) & PENDING)
+    }
+
+    /// Closes the layer: from now on, [`Pending::register`] refuses. Every callback pending and
+    /// not counting its ending right now is written off, and no longer pending. Returns how many
+    /// it wrote off: none if it was closed already.
+    pub(crate) fn close(&self) -> u64 {
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            if state & CLOSED != 0 {
+                return 0;
+            }
+            let counting = (state & !CLOSED) / COUNTING;
+            let written_off = (state & PENDING) - counting;
+            let closed = (state | CLOSED) - written_off * ONE;
+            match self.state.compare_exchange_weak(
+                state,
+                closed,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return written_off,
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// How many callbacks are pending.
+    pub(crate) fn get(&self) -> u64 {
+        self.state.load(Ordering::SeqCst) & PENDING
+    }
+}
