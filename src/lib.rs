@@ -358,5 +358,5 @@ pub use future::ResponseFuture;
 pub use handle::{after, try_after, After, AfterWork};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
 pub use service::AfterService;
-pub use snapshot::RequestSnapshot;
+pub use snapshot::{RequestSnapshot, SnapshotConfig};
 pub use tasks::{AfterStats, AfterTasks, Overloaded, ShutdownReport};

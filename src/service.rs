@@ -11,7 +11,7 @@ use crate::body::Finisher;
 use crate::driver::{Config, Inflight, CURRENT};
 use crate::future::ResponseFuture;
 use crate::tasks::Shared;
-use crate::{After, AfterBody, Completion, RequestSnapshot};
+use crate::{After, AfterBody, Completion, RequestSnapshot, SnapshotConfig};
 
 /// Middleware that lets the requests it serves schedule work for after their response.
 ///
@@ -80,7 +80,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let snapshot = RequestSnapshot::new(&request);
+        // Uncapped, as before, until the layer takes a `SnapshotConfig` of its own.
+        let config = SnapshotConfig::new().max_bytes(usize::MAX);
+        let snapshot = RequestSnapshot::new(&request, &config);
         let inflight = Inflight::open(snapshot, &self.shared, &self.config);
         request
             .extensions_mut()

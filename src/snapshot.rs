@@ -9,19 +9,123 @@
 //! copied into one small buffer, one allocation; the `Uri` and the `HeaderMap` are rebuilt from
 //! it on first use, inside the callback, off the response path. Cookies and single headers are
 //! read from the buffer directly.
+//!
+//! A [`SnapshotConfig`] bounds the copy: a byte cap, so that a client's large headers cannot
+//! make every pending callback pin that much memory, and a list of the headers to keep, which
+//! skips the others without copying them.
 
 use std::fmt;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
 use cookie::Cookie;
-use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::header::{GetAll, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+
+/// What a [`RequestSnapshot`] keeps of a request: which headers, and at most how many bytes.
+///
+/// Every pending callback holds its request's snapshot, so what a client sends decides what the
+/// layer holds: hyper accepts headers of hundreds of KiB. The cap bounds that per request; the
+/// keep-list drops the headers callbacks do not read, and makes the snapshot cheaper to take.
+///
+/// By default all headers are kept, up to [`DEFAULT_MAX_BYTES`](Self::DEFAULT_MAX_BYTES)
+/// (16 KiB, the header size limit of Node.js and so of Next.js).
+///
+/// What counts against the cap, in this order:
+///
+/// 1. the method, if it is an extension longer than 15 bytes (shorter ones are stored inline);
+///    one that does not fit is cut to its first 15 bytes;
+/// 2. the request target (`scheme://authority/path?query`, as it came); one that does not fit
+///    is replaced by its path alone, cut at a character boundary to what fits (`/` if nothing
+///    does), so that [`RequestSnapshot::uri`] and [`RequestSnapshot::path`] stay valid;
+/// 3. each kept header: its name, its value and 8 bytes of bookkeeping. Headers are taken in
+///    the order of the request's `HeaderMap` (request order, with a name's later values right
+///    after its first), or with a keep-list in the list's order, while they fit; the first one
+///    that does not fit and every later one are left out. So a header found in the snapshot is
+///    always the request's first of that name, and a keep-list's first names are the last to go.
+///
+/// Whatever is cut or left out by the cap marks the snapshot
+/// [`truncated`](RequestSnapshot::truncated); headers left out by the keep-list do not.
+///
+/// ```
+/// use http::header::{COOKIE, USER_AGENT};
+/// use http::HeaderName;
+/// use tower_after::SnapshotConfig;
+///
+/// let config = SnapshotConfig::new()
+///     .keep_headers([COOKIE, USER_AGENT, HeaderName::from_static("x-request-id")])
+///     .max_bytes(4 * 1024);
+/// ```
+#[derive(Clone, Debug)]
+pub struct SnapshotConfig {
+    keep: Keep,
+    max_bytes: usize,
+}
+
+/// Which headers a snapshot keeps.
+#[derive(Clone, Debug)]
+enum Keep {
+    All,
+    /// Without duplicates, in the caller's order. Each is looked up in the request's map.
+    Only(Box<[HeaderName]>),
+}
+
+impl SnapshotConfig {
+    /// The default cap, 16 KiB: what Node.js, and so Next.js, accepts for a request's headers.
+    pub const DEFAULT_MAX_BYTES: usize = 16 * 1024;
+
+    /// All headers, up to [`DEFAULT_MAX_BYTES`](Self::DEFAULT_MAX_BYTES).
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            keep: Keep::All,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        }
+    }
+
+    /// Keeps only the headers called `names` (all their values), and skips the others without
+    /// copying them: cheaper than keeping all, for a few names. Under the cap, earlier names
+    /// come first. An empty list keeps no header.
+    #[must_use]
+    pub fn keep_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let mut unique = Vec::new();
+        for name in names {
+            // Listed twice, a header would be copied twice.
+            if !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
+        self.keep = Keep::Only(unique.into_boxed_slice());
+        self
+    }
+
+    /// Keeps every header (the default).
+    #[must_use]
+    pub fn keep_all_headers(mut self) -> Self {
+        self.keep = Keep::All;
+        self
+    }
+
+    /// The most bytes one snapshot holds beyond its fixed size (16 KiB by default);
+    /// `usize::MAX` for no cap.
+    #[must_use]
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// The method, URI, version and headers of a request, as they were when it entered
 /// [`AfterLayer`](crate::AfterLayer).
 ///
-/// Changes made later by inner middleware or the handler are not seen here.
+/// Changes made later by inner middleware or the handler are not seen here. Which headers it
+/// holds, and how many bytes, is bounded by a [`SnapshotConfig`].
 ///
 /// Its `Debug` output hides the values of `Authorization`, `Proxy-Authorization`, `Cookie` and
 /// `Set-Cookie`, so logging a snapshot does not leak credentials.
@@ -45,6 +149,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 pub struct RequestSnapshot {
     method: Method,
     version: Version,
+    /// Whether the cap cut or left out anything.
+    truncated: bool,
     /// The request target, then each header as `name length, value length, name, value` (lengths
     /// as little-endian `u32`).
     raw: Box<[u8]>,
@@ -57,35 +163,125 @@ pub struct RequestSnapshot {
 /// Bytes of a header's two lengths in `raw`.
 const LENGTHS: usize = 8;
 
+/// The longest method `http` stores inline; longer ones are on the heap.
+const INLINE_METHOD: usize = 15;
+
 impl RequestSnapshot {
-    pub(crate) fn new<B>(request: &Request<B>) -> Self {
+    pub(crate) fn new<B>(request: &Request<B>, config: &SnapshotConfig) -> Self {
+        let headers = request.headers();
+        match &config.keep {
+            Keep::All => Self::build(request, config.max_bytes, All(headers)),
+            Keep::Only(names) => {
+                Self::build(request, config.max_bytes, Listed::new(headers, names))
+            }
+        }
+    }
+
+    /// The snapshot of `request` with the headers `kept` visits, in that order, while they fit.
+    /// They are visited twice: to count their bytes, then to copy them into a buffer of that
+    /// size.
+    fn build<B>(request: &Request<B>, max_bytes: usize, kept: impl Kept) -> Self {
+        // Lengths are stored as `u32`s: in a buffer below 4 GiB, every one fits.
+        let mut budget = max_bytes.min(u32::MAX as usize);
+        let mut truncated = false;
+
+        let mut method = request.method().clone();
+        let method_len = method_heap(&method);
+        if method_len <= budget {
+            budget -= method_len;
+        } else if let Some(Ok(cut)) = method
+            .as_str()
+            .as_bytes()
+            .get(..INLINE_METHOD)
+            .map(Method::from_bytes)
+        {
+            // A prefix of a token is a token, and one this short is stored inline.
+            method = cut;
+            truncated = true;
+        }
+
         let uri = request.uri();
-        let target = target_parts(uri);
-        let target_len: usize = target.iter().map(|part| part.len()).sum();
-        let headers_len: usize = request
-            .headers()
-            .iter()
-            .map(|(name, value)| LENGTHS + name.as_str().len() + value.len())
-            .sum();
+        let mut target = target_parts(uri);
+        let mut target_len: usize = target.iter().map(|part| part.len()).sum();
+        if target_len > budget {
+            let path = uri.path();
+            let mut end = budget.min(path.len());
+            while !path.is_char_boundary(end) {
+                end -= 1;
+            }
+            target = [&path[..end], "", "", ""];
+            target_len = end;
+            truncated = true;
+        }
+        budget -= target_len;
+
+        // How many of the kept headers fit, and their bytes.
+        let mut count = 0_usize;
+        let mut headers_len = 0;
+        kept.visit(|name, value| {
+            let len = LENGTHS + name.len() + value.len();
+            if len > budget - headers_len {
+                truncated = true;
+                return false;
+            }
+            headers_len += len;
+            count += 1;
+            true
+        });
+
         let mut raw = Vec::with_capacity(target_len + headers_len);
         for part in target {
             raw.extend_from_slice(part.as_bytes());
         }
-        for (name, value) in request.headers() {
-            // Header names and values are far below 4 GiB: hyper and h2 cap them in kilobytes.
-            raw.extend_from_slice(&(name.as_str().len() as u32).to_le_bytes());
+        kept.visit(|name, value| {
+            if count == 0 {
+                return false;
+            }
+            count -= 1;
+            // Both below `budget`, so below `u32::MAX`.
+            raw.extend_from_slice(&(name.len() as u32).to_le_bytes());
             raw.extend_from_slice(&(value.len() as u32).to_le_bytes());
-            raw.extend_from_slice(name.as_str().as_bytes());
+            raw.extend_from_slice(name);
             raw.extend_from_slice(value.as_bytes());
-        }
+            true
+        });
         Self {
-            method: request.method().clone(),
+            method,
             version: request.version(),
+            truncated,
             raw: raw.into_boxed_slice(),
             target_len,
             uri: OnceLock::new(),
             headers: OnceLock::new(),
         }
+    }
+
+    /// Whether the [`SnapshotConfig`]'s byte cap cut the method or the request target, or left
+    /// out headers. Headers left out because they are not in its keep-list do not count.
+    ///
+    /// A callback that needs a header can tell "not sent" from "not kept":
+    ///
+    /// ```
+    /// # use tower_after::RequestSnapshot;
+    /// fn request_id(request: &RequestSnapshot) -> &str {
+    ///     match request.header("x-request-id") {
+    ///         Some(id) => id,
+    ///         None if request.truncated() => "<too large to keep>",
+    ///         None => "-",
+    ///     }
+    /// }
+    /// ```
+    #[must_use]
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// The heap bytes this snapshot keeps alive while a callback holds it, fixed at creation:
+    /// its own size, its buffer and a long method's bytes. The `Uri` and `HeaderMap` rebuilt on
+    /// demand are not counted: they exist only once a running callback reads them.
+    #[allow(dead_code)] // For the layer's byte accounting.
+    pub(crate) fn held_bytes(&self) -> usize {
+        SNAPSHOT_SIZE + self.raw.len() + method_heap(&self.method)
     }
 
     /// The request method.
@@ -229,6 +425,84 @@ impl RequestSnapshot {
     }
 }
 
+/// The headers a snapshot keeps, visited in order as `(name, value)` until the visitor returns
+/// `false`. Visiting with a closure, rather than iterating, keeps the nested loops of [`Listed`]
+/// as cheap as plain ones.
+trait Kept {
+    fn visit(&self, visitor: impl FnMut(&[u8], &HeaderValue) -> bool);
+}
+
+/// Every header, in the map's order.
+struct All<'a>(&'a HeaderMap);
+
+impl Kept for All<'_> {
+    fn visit(&self, mut visitor: impl FnMut(&[u8], &HeaderValue) -> bool) {
+        for (name, value) in self.0 {
+            if !visitor(name.as_str().as_bytes(), value) {
+                return;
+            }
+        }
+    }
+}
+
+/// The values of the listed names, in the list's order. A lookup per name, not a comparison per
+/// header and name: with a few names, fewer instructions, and the headers left out are never
+/// touched.
+struct Listed<'a> {
+    headers: &'a HeaderMap,
+    names: &'a [HeaderName],
+    /// The first names' lookups, made once for both visits.
+    found: [Option<GetAll<'a, HeaderValue>>; LOOKUPS],
+}
+
+/// How many lookups [`Listed`] keeps; names beyond are looked up on each visit.
+const LOOKUPS: usize = 8;
+
+impl<'a> Listed<'a> {
+    fn new(headers: &'a HeaderMap, names: &'a [HeaderName]) -> Self {
+        let found = std::array::from_fn(|i| names.get(i).map(|name| headers.get_all(name)));
+        Self {
+            headers,
+            names,
+            found,
+        }
+    }
+}
+
+impl Kept for Listed<'_> {
+    fn visit(&self, mut visitor: impl FnMut(&[u8], &HeaderValue) -> bool) {
+        for (index, name) in self.names.iter().enumerate() {
+            let looked_up;
+            let values = match self.found.get(index) {
+                Some(Some(found)) => found,
+                _ => {
+                    looked_up = self.headers.get_all(name);
+                    &looked_up
+                }
+            };
+            let name = name.as_str().as_bytes();
+            for value in values {
+                if !visitor(name, value) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The fixed part of [`RequestSnapshot::held_bytes`].
+const SNAPSHOT_SIZE: usize = std::mem::size_of::<RequestSnapshot>();
+
+/// The bytes `http` allocates for `method`: only extension methods too long to store inline.
+fn method_heap(method: &Method) -> usize {
+    let len = method.as_str().len();
+    if len > INLINE_METHOD {
+        len
+    } else {
+        0
+    }
+}
+
 /// The request target as string pieces: `scheme://authority/path?query`, or the parts of it the
 /// URI has.
 fn target_parts(uri: &Uri) -> [&str; 4] {
@@ -270,6 +544,7 @@ impl fmt::Debug for RequestSnapshot {
             .field("uri", self.uri())
             .field("version", &self.version)
             .field("headers", &Headers(self))
+            .field("truncated", &self.truncated)
             .finish()
     }
 }
@@ -285,7 +560,7 @@ mod tests {
             let value = HeaderValue::from_bytes(value).expect("test header is valid");
             request.headers_mut().append(COOKIE, value);
         }
-        RequestSnapshot::new(&request)
+        RequestSnapshot::new(&request, &SnapshotConfig::default())
     }
 
     #[test]
@@ -298,7 +573,7 @@ mod tests {
             ("*", "*"),
         ] {
             let request = Request::builder().uri(uri).body(()).unwrap();
-            let snapshot = RequestSnapshot::new(&request);
+            let snapshot = RequestSnapshot::new(&request, &SnapshotConfig::default());
             assert_eq!(snapshot.path(), path, "{uri}");
             assert_eq!(snapshot.path(), request.uri().path(), "{uri}");
         }
@@ -347,7 +622,7 @@ mod tests {
             .header("x-bytes", HeaderValue::from_bytes(b"caf\xe9").unwrap())
             .body(())
             .unwrap();
-        let snapshot = RequestSnapshot::new(&request);
+        let snapshot = RequestSnapshot::new(&request, &SnapshotConfig::default());
         assert_eq!(snapshot.method(), Method::POST);
         assert_eq!(snapshot.uri(), request.uri());
         assert_eq!(snapshot.headers(), request.headers());
@@ -367,7 +642,7 @@ mod tests {
             "example.com:443",
         ] {
             let request = Request::builder().uri(target).body(()).unwrap();
-            let snapshot = RequestSnapshot::new(&request);
+            let snapshot = RequestSnapshot::new(&request, &SnapshotConfig::default());
             assert_eq!(snapshot.uri(), request.uri(), "{target}");
         }
     }
@@ -385,7 +660,10 @@ mod tests {
             HeaderValue::from_static("session-id=secret-session"),
         );
         headers.insert("x-trace", HeaderValue::from_static("visible"));
-        let text = format!("{:?}", RequestSnapshot::new(&request));
+        let text = format!(
+            "{:?}",
+            RequestSnapshot::new(&request, &SnapshotConfig::default())
+        );
         assert!(!text.contains("secret"), "{text}");
         assert!(text.contains("visible"), "{text}");
         assert!(text.contains("<redacted>"), "{text}");
