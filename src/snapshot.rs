@@ -668,4 +668,369 @@ mod tests {
         assert!(text.contains("visible"), "{text}");
         assert!(text.contains("<redacted>"), "{text}");
     }
+
+    fn request(target: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::get(target);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("test request is valid")
+    }
+
+    fn capped(max_bytes: usize) -> SnapshotConfig {
+        SnapshotConfig::new().max_bytes(max_bytes)
+    }
+
+    fn names(snapshot: &RequestSnapshot) -> Vec<&str> {
+        snapshot
+            .raw_headers()
+            .map(|(name, _)| std::str::from_utf8(name).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_defaults_keep_every_header_up_to_16_kib() {
+        let config = SnapshotConfig::default();
+        assert!(matches!(config.keep, Keep::All));
+        assert_eq!(config.max_bytes, 16 * 1024);
+        assert_eq!(SnapshotConfig::DEFAULT_MAX_BYTES, 16 * 1024);
+
+        // `/` and one header of exactly what is left: 8 + 5 + value.
+        let fits = "v".repeat(16 * 1024 - 1 - LENGTHS - 5);
+        let snapshot = RequestSnapshot::new(&request("/", &[("x-big", &fits)]), &config);
+        assert!(!snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 16 * 1024);
+        let one_more = format!("{fits}v");
+        let snapshot = RequestSnapshot::new(&request("/", &[("x-big", &one_more)]), &config);
+        assert!(snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 1);
+    }
+
+    #[test]
+    fn headers_are_kept_in_order_until_the_first_that_does_not_fit() {
+        // "/a" is 2 bytes; the headers cost 8 + 3 + 4 = 15, 8 + 3 + 10 = 21 and 8 + 3 + 1 = 12.
+        let request = request(
+            "/a",
+            &[("x-a", "1234"), ("x-b", "0123456789"), ("x-c", "1")],
+        );
+        let snapshot = RequestSnapshot::new(&request, &capped(2 + 15 + 20));
+        // `x-c` would fit, but is after the first that does not.
+        assert_eq!(names(&snapshot), ["x-a"]);
+        assert!(snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 2 + 15);
+        assert_eq!(snapshot.header("x-a"), Some("1234"));
+        assert_eq!(snapshot.header("x-c"), None);
+        let mut expected = HeaderMap::new();
+        expected.insert("x-a", HeaderValue::from_static("1234"));
+        assert_eq!(snapshot.headers(), &expected);
+        assert_eq!(snapshot.uri(), "/a");
+
+        let snapshot = RequestSnapshot::new(&request, &capped(2 + 15 + 21));
+        assert_eq!(names(&snapshot), ["x-a", "x-b"]);
+        assert!(snapshot.truncated());
+
+        let snapshot = RequestSnapshot::new(&request, &capped(2 + 15 + 21 + 12));
+        assert_eq!(names(&snapshot), ["x-a", "x-b", "x-c"]);
+        assert!(!snapshot.truncated(), "exactly the cap fits");
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 2 + 15 + 21 + 12);
+        assert_eq!(snapshot.headers(), request.headers());
+    }
+
+    #[test]
+    fn a_keep_list_skips_other_headers_without_truncating() {
+        let big = "x".repeat(1000);
+        let request = request(
+            "/",
+            &[
+                ("accept", "*/*"),
+                ("cookie", "a=1; b=2"),
+                ("x-other", &big),
+                ("user-agent", "probe/1.0"),
+                ("x-request-id", "r-7"),
+                ("cookie", "c=3"),
+            ],
+        );
+        let config = SnapshotConfig::new()
+            .keep_headers([
+                COOKIE,
+                http::header::USER_AGENT,
+                HeaderName::from_static("x-request-id"),
+            ])
+            .max_bytes(100);
+        let snapshot = RequestSnapshot::new(&request, &config);
+        assert!(!snapshot.truncated(), "left out by the list, not the cap");
+        // A `HeaderMap` yields a name's values together, after its first.
+        assert_eq!(
+            names(&snapshot),
+            ["cookie", "cookie", "user-agent", "x-request-id"]
+        );
+        let expected = 1 + (8 + 6 + 8) + (8 + 6 + 3) + (8 + 10 + 9) + (8 + 12 + 3);
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + expected);
+        assert_eq!(
+            snapshot.cookies().collect::<Vec<_>>(),
+            [("a", "1"), ("b", "2"), ("c", "3")]
+        );
+        assert_eq!(snapshot.cookie("c"), Some("3"));
+        assert_eq!(snapshot.header("user-agent"), Some("probe/1.0"));
+        assert_eq!(snapshot.header("X-Request-Id"), Some("r-7"));
+        assert_eq!(snapshot.header("accept"), None);
+        assert_eq!(snapshot.headers().len(), 4);
+        assert_eq!(snapshot.headers().get_all(COOKIE).iter().count(), 2);
+        assert!(snapshot.headers().get("x-other").is_none());
+
+        // The cap applies to what the list keeps.
+        let snapshot = RequestSnapshot::new(&request, &config.clone().max_bytes(expected - 1));
+        assert!(snapshot.truncated());
+        assert_eq!(names(&snapshot), ["cookie", "cookie", "user-agent"]);
+
+        // A name listed twice is copied once.
+        let twice = RequestSnapshot::new(
+            &request,
+            &SnapshotConfig::new().keep_headers([COOKIE, COOKIE]),
+        );
+        assert_eq!(names(&twice), ["cookie", "cookie"]);
+
+        // An empty list keeps no header; back to all of them.
+        let none = RequestSnapshot::new(&request, &config.clone().keep_headers([]));
+        assert_eq!(none.held_bytes(), SNAPSHOT_SIZE + 1);
+        assert!(!none.truncated());
+        let all = RequestSnapshot::new(&request, &config.keep_all_headers().max_bytes(usize::MAX));
+        assert_eq!(all.headers(), request.headers());
+    }
+
+    #[test]
+    fn a_target_that_does_not_fit_is_cut_to_its_path() {
+        for (target, max_bytes, path) in [
+            ("/orders/7?page=2", 15, "/orders/7"),
+            ("/orders/7?page=2", 5, "/orde"),
+            ("http://example.com/a/b?c", 10, "/a/b"),
+            ("http://example.com", 10, "/"),
+            ("/caf\u{e9}/x", 5, "/caf"),
+            ("/caf\u{e9}/x", 6, "/caf\u{e9}"),
+            ("example.com:443", 3, "/"),
+            ("/abc", 0, "/"),
+            ("*", 0, "/"),
+        ] {
+            let request = request(target, &[("x-a", "1")]);
+            let snapshot = RequestSnapshot::new(&request, &capped(max_bytes));
+            assert!(snapshot.truncated(), "{target}");
+            assert_eq!(snapshot.path(), path, "{target}");
+            assert_eq!(snapshot.uri().path(), path, "{target}");
+            assert_eq!(snapshot.uri().query(), None, "{target}");
+            assert_eq!(snapshot.uri().authority(), None, "{target}");
+            assert!(snapshot.headers().is_empty(), "{target}");
+            assert!(
+                snapshot.held_bytes() <= SNAPSHOT_SIZE + max_bytes,
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_method_counts_and_is_cut_when_it_does_not_fit() {
+        let long = Method::from_bytes(&[b'M'; 40]).unwrap();
+        let mut request = request("/", &[]);
+        *request.method_mut() = long.clone();
+
+        let snapshot = RequestSnapshot::new(&request, &capped(41));
+        assert!(!snapshot.truncated());
+        assert_eq!(snapshot.method(), long);
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 40 + 1);
+
+        let snapshot = RequestSnapshot::new(&request, &capped(39));
+        assert!(snapshot.truncated());
+        assert_eq!(snapshot.method().as_str(), "M".repeat(INLINE_METHOD));
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 1);
+
+        // Short methods are stored inline and cost nothing.
+        *request.method_mut() = Method::from_bytes(b"PURGE").unwrap();
+        let snapshot = RequestSnapshot::new(&request, &capped(1));
+        assert!(!snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 1);
+    }
+
+    #[test]
+    fn debug_says_whether_the_snapshot_was_truncated() {
+        let request = request("/", &[("x-a", "1")]);
+        let text = format!("{:?}", RequestSnapshot::new(&request, &capped(1)));
+        assert!(text.contains("truncated: true"), "{text}");
+    }
+
+    mod hostile {
+        use super::*;
+        use http::header::{ACCEPT, USER_AGENT};
+        use proptest::prelude::*;
+
+        /// Names the strategies pick from, so that keep-lists and duplicates meet.
+        fn pool() -> [HeaderName; 5] {
+            [
+                COOKIE,
+                USER_AGENT,
+                ACCEPT,
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("x-dup"),
+            ]
+        }
+
+        fn name() -> impl Strategy<Value = HeaderName> {
+            prop_oneof![
+                3 => (0..pool().len()).prop_map(|index| pool()[index].clone()),
+                1 => "x-[a-z0-9-]{1,30}".prop_map(|name| HeaderName::try_from(name).unwrap()),
+            ]
+        }
+
+        /// Any bytes `HeaderValue` accepts, UTF-8 or not, cookie separators included. A long
+        /// value repeats a short random pattern: a strategy per byte would make the test slow.
+        fn value() -> impl Strategy<Value = HeaderValue> {
+            let byte = prop_oneof![
+                Just(b'\t'),
+                Just(b'='),
+                Just(b';'),
+                0x20_u8..=0x7e,
+                0x80_u8..=0xff,
+            ];
+            let pattern = prop::collection::vec(byte, 1..24);
+            let len = prop_oneof![8 => 0_usize..40, 2 => 0_usize..4000];
+            (pattern, len).prop_map(|(pattern, len)| {
+                let bytes: Vec<u8> = pattern.into_iter().cycle().take(len).collect();
+                HeaderValue::from_bytes(&bytes).unwrap()
+            })
+        }
+
+        fn target() -> impl Strategy<Value = Uri> {
+            let path = prop_oneof![
+                "/[a-z0-9/%.-]{0,40}(\\?[a-z0-9=&]{0,40})?".boxed(),
+                // Long, and with multi-byte characters where a cut may land.
+                (0_usize..12_000, 0_usize..8_000)
+                    .prop_map(|(path, query)| {
+                        let path: String = (0..path)
+                            .map(|i| if i % 3 == 0 { '\u{e9}' } else { 'a' })
+                            .collect();
+                        format!("/{path}?{}", "q".repeat(query))
+                    })
+                    .boxed(),
+            ];
+            prop_oneof![
+                4 => path.clone(),
+                1 => path.prop_map(|path| format!("http://example.com{path}")),
+                1 => Just("*".to_owned()),
+                1 => Just("example.com:443".to_owned()),
+            ]
+            .prop_map(|target| Uri::try_from(target).unwrap())
+        }
+
+        fn method() -> impl Strategy<Value = Method> {
+            prop_oneof![
+                Just(Method::GET),
+                Just(Method::POST),
+                "[A-Z]{1,40}".prop_map(|method| Method::from_bytes(method.as_bytes()).unwrap()),
+            ]
+        }
+
+        fn config() -> impl Strategy<Value = (Option<Vec<HeaderName>>, usize)> {
+            let keep = prop_oneof![
+                Just(None),
+                // Duplicates, names never sent, and more than `LOOKUPS` names.
+                prop::collection::vec(name(), 0..12).prop_map(Some),
+            ];
+            let max_bytes = prop_oneof![
+                0_usize..200,
+                0_usize..20_000,
+                Just(SnapshotConfig::DEFAULT_MAX_BYTES),
+                Just(usize::MAX),
+            ];
+            (keep, max_bytes)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn the_cap_and_the_list_hold_against_hostile_requests(
+                method in method(),
+                target in target(),
+                headers in prop::collection::vec((name(), value()), 0..=100),
+                (keep, max_bytes) in config(),
+            ) {
+                let mut request = Request::new(());
+                *request.method_mut() = method;
+                *request.uri_mut() = target;
+                for (name, value) in headers {
+                    request.headers_mut().append(name, value);
+                }
+                let mut config = SnapshotConfig::new().max_bytes(max_bytes);
+                if let Some(names) = keep.clone() {
+                    config = config.keep_headers(names);
+                }
+                let snapshot = RequestSnapshot::new(&request, &config);
+
+                prop_assert!(snapshot.held_bytes() <= max_bytes.saturating_add(SNAPSHOT_SIZE));
+
+                // The kept headers are the first of those the list keeps: in request order, or
+                // in the list's order, each name's values in request order.
+                let listed: Vec<_> = match &keep {
+                    None => request.headers().iter().collect(),
+                    Some(names) => {
+                        let mut unique: Vec<&HeaderName> = Vec::new();
+                        for name in names {
+                            if !unique.contains(&name) {
+                                unique.push(name);
+                            }
+                        }
+                        unique
+                            .into_iter()
+                            .flat_map(|name| request.headers().get_all(name).iter().map(move |value| (name, value)))
+                            .collect()
+                    }
+                };
+                let kept: Vec<_> = snapshot.raw_headers().collect();
+                prop_assert!(kept.len() <= listed.len());
+                for ((name, value), (listed_name, listed_value)) in kept.iter().zip(&listed) {
+                    prop_assert_eq!(*name, listed_name.as_str().as_bytes());
+                    prop_assert_eq!(*value, listed_value.as_bytes());
+                }
+
+                // Truncated exactly when the cap cut something, and only what did not fit.
+                let full_target = target_parts(request.uri()).concat();
+                let target_cut = snapshot.raw[..snapshot.target_len] != *full_target.as_bytes();
+                let method_cut = snapshot.method() != request.method();
+                let headers_cut = kept.len() < listed.len();
+                prop_assert_eq!(snapshot.truncated(), target_cut || method_cut || headers_cut);
+                if headers_cut {
+                    let (name, value) = listed[kept.len()];
+                    let used = snapshot.held_bytes() - SNAPSHOT_SIZE;
+                    prop_assert!(used + LENGTHS + name.as_str().len() + value.len() > max_bytes);
+                }
+                if target_cut {
+                    prop_assert!(method_heap(snapshot.method()) + full_target.len() > max_bytes);
+                    prop_assert!(request.uri().path().starts_with(snapshot.path()) || snapshot.path() == "/");
+                    prop_assert_eq!(snapshot.uri().query(), None);
+                } else {
+                    prop_assert_eq!(snapshot.uri(), request.uri());
+                }
+                if method_cut {
+                    prop_assert!(request.method().as_str().starts_with(snapshot.method().as_str()));
+                }
+
+                // Every reader sees what was kept, and only that.
+                prop_assert_eq!(snapshot.path(), snapshot.uri().path());
+                let mut expected = HeaderMap::new();
+                let mut only_kept = Request::new(());
+                for (name, value) in &kept {
+                    let name = HeaderName::from_bytes(name).unwrap();
+                    let value = HeaderValue::from_bytes(value).unwrap();
+                    expected.append(name.clone(), value.clone());
+                    only_kept.headers_mut().append(name, value);
+                }
+                prop_assert_eq!(snapshot.headers(), &expected);
+                for name in pool() {
+                    let first = expected.get(&name).and_then(|value| std::str::from_utf8(value.as_bytes()).ok());
+                    prop_assert_eq!(snapshot.header(name.as_str()), first);
+                }
+                let uncapped = RequestSnapshot::new(&only_kept, &capped(usize::MAX));
+                prop_assert!(snapshot.cookies().eq(uncapped.cookies()));
+                let _ = format!("{snapshot:?}");
+            }
+        }
+    }
 }
