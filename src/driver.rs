@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::panic::resume_unwind;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,10 +44,10 @@ use tracing::Span;
 use crate::callback::{BoxCallback, Callback, Callbacks, Job, Running, Stop, WithContext};
 use crate::context::Finished;
 use crate::host::{self, Host};
-use crate::ledger::{Ended, Refusal, Shared, Ticket};
+use crate::ledger::{Ended, Refusal, Refused, Shared, Ticket};
 use crate::scope::{Next, Scope, Start};
 use crate::tasks::Overloaded;
-use crate::{AfterContext, Completion, Outcome, RequestSnapshot};
+use crate::{AfterContext, Completion, Outcome, RequestSnapshot, SnapshotConfig};
 
 tokio::task_local! {
     /// The request whose response future, or callbacks, are being polled: for `After::current`.
@@ -67,6 +67,10 @@ pub(crate) struct Config {
     pub(crate) on_response: Option<OnResponse>,
     /// How many callbacks the layer holds at most: `AfterLayer::max_pending`.
     pub(crate) max_pending: usize,
+    /// What a snapshot keeps: `AfterLayer::snapshot`.
+    pub(crate) snapshot: SnapshotConfig,
+    /// How many bytes of snapshots pending work holds at most: `AfterLayer::max_held_bytes`.
+    pub(crate) max_held_bytes: usize,
 }
 
 /// The hook of `AfterLayer::on_response`, type-erased so that the layer's type stays the same.
@@ -83,6 +87,8 @@ pub(crate) struct Inflight {
     end: OnceLock<End>,
     config: Arc<Config>,
     scope: Scope<Job>,
+    /// Whether its snapshot's bytes are counted in the layer's total: from its first work on.
+    held: AtomicBool,
     /// The platform that served the request, if it freezes the process between invocations
     /// (`lambda::DrainLayer`): it holds the request's work back until its response is
     /// delivered, waits for its drivers, and stops them at its deadline.
@@ -107,6 +113,7 @@ impl Inflight {
             end: OnceLock::new(),
             config: config.clone(),
             scope: Scope::new(),
+            held: AtomicBool::new(false),
             host: host::current(),
         });
         inflight.set_budget(config.max_duration);
@@ -237,25 +244,50 @@ impl Inflight {
     /// A place in the ledger for a callback, or why not (logged, at most once a second).
     fn ticket(&self, name: Option<&str>, bound: usize) -> Result<Ticket, Overloaded> {
         let max_pending = self.config.max_pending;
-        self.shared().ticket(bound).map_err(|refused| {
-            if let Some(count) = refused.warn {
-                let (method, path) = (self.snapshot.method(), self.snapshot.path());
-                match refused.why {
-                    Refusal::Overloaded => tracing::warn!(
-                        %method, path, name, refused = count,
-                        "after callback refused: the layer holds its maximum of {max_pending} \
-                         pending callbacks (raise `AfterLayer::max_pending`, or lower the load \
-                         or the callbacks' max duration)"
-                    ),
-                    Refusal::ShutDown => tracing::warn!(
-                        %method, path, name, refused = count,
-                        "after callback refused: the layer was shut down and its grace period \
-                         ran out"
-                    ),
+        let max_held_bytes = self.config.max_held_bytes;
+        self.hold_snapshot()
+            .and_then(|()| self.shared().ticket(bound))
+            .map_err(|refused| {
+                if let Some(count) = refused.warn {
+                    let (method, path) = (self.snapshot.method(), self.snapshot.path());
+                    match refused.why {
+                        Refusal::Overloaded => tracing::warn!(
+                            %method, path, name, refused = count,
+                            "after callback refused: the layer holds its maximum of {max_pending} \
+                             pending callbacks (raise `AfterLayer::max_pending`, or lower the load \
+                             or the callbacks' max duration)"
+                        ),
+                        Refusal::HeldBytes => tracing::warn!(
+                            %method, path, name, refused = count,
+                            "after callback refused: pending work holds the layer's maximum of \
+                             {max_held_bytes} bytes of request snapshots (keep fewer headers with \
+                             `AfterLayer::snapshot`, or raise `AfterLayer::max_held_bytes`)"
+                        ),
+                        Refusal::ShutDown => tracing::warn!(
+                            %method, path, name, refused = count,
+                            "after callback refused: the layer was shut down and its grace period \
+                             ran out"
+                        ),
+                    }
                 }
-            }
-            Overloaded::new(refused.why, max_pending)
-        })
+                Overloaded::new(refused.why, max_pending, max_held_bytes)
+            })
+    }
+
+    /// Counts the snapshot's bytes in the layer's total, once, when the request's first work
+    /// comes: a request without work holds its snapshot only while it is served.
+    fn hold_snapshot(&self) -> Result<(), Refused> {
+        if self.held.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let bytes = self.snapshot.held_bytes();
+        self.shared()
+            .hold_bytes(bytes, self.config.max_held_bytes)?;
+        if self.held.swap(true, Ordering::AcqRel) {
+            // Another thread counted it meanwhile.
+            self.shared().release_bytes(bytes);
+        }
+        Ok(())
     }
 
     /// Does what the scope asks. `serving`: called where the response is served (its future
@@ -331,6 +363,14 @@ impl Inflight {
         let end = self.end.get()?;
         let deadline = end.deadline?;
         (Instant::now() >= deadline).then_some(Stop::Budget(end.budget))
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        if *self.held.get_mut() {
+            self.config.shared.release_bytes(self.snapshot.held_bytes());
+        }
     }
 }
 
@@ -1387,6 +1427,131 @@ mod tests {
         .await;
         drained(&tasks).await;
         assert!(accepted.load(Ordering::SeqCst));
+    }
+
+    /// Serves one request with `headers` whose handler registers one callback that waits for
+    /// `release`; returns whether the callback was taken.
+    async fn serve_with_headers(
+        layer: &AfterLayer,
+        headers: &[(&'static str, String)],
+        release: Arc<tokio::sync::Semaphore>,
+    ) -> bool {
+        let taken = Arc::new(AtomicBool::new(false));
+        let flag = taken.clone();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let release = release.clone();
+            let taken = after
+                .try_run_with(move |_| async move {
+                    let _ = release.acquire().await;
+                })
+                .is_ok();
+            flag.store(taken, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }
+        }));
+        let mut request = Request::builder().uri("/upload");
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        let response = service.oneshot(request.body(()).unwrap()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        taken.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn pending_work_holds_its_snapshots_bytes_until_it_ends() {
+        let logs = Logs::capture();
+        // Room for about two snapshots of 1 KiB of headers.
+        let layer = AfterLayer::new().max_held_bytes(2_500);
+        let tasks = layer.tasks();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let header = [("x-data", "d".repeat(1_000))];
+        assert!(serve_with_headers(&layer, &header, gate.clone()).await);
+        let one = tasks.stats().held_bytes();
+        assert!((1_000..1_300).contains(&one), "{one}");
+        assert!(serve_with_headers(&layer, &header, gate.clone()).await);
+        assert_eq!(tasks.stats().held_bytes(), 2 * one);
+        // A third would pass the bound: refused, counted and logged.
+        assert!(!serve_with_headers(&layer, &header, gate.clone()).await);
+        assert!(!serve_with_headers(&layer, &header, gate.clone()).await);
+        let stats = tasks.stats();
+        assert_eq!((stats.shed(), stats.held_bytes()), (2, 2 * one));
+        let warnings = logs.lines_with("bytes of request snapshots");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("WARN") && warnings[0].contains("refused=1"));
+        // Released as the work ends: room again.
+        gate.add_permits(2);
+        drained(&tasks).await;
+        eventually("the snapshots to be released", || {
+            tasks.stats().held_bytes() == 0
+        })
+        .await;
+        gate.add_permits(1);
+        assert!(serve_with_headers(&layer, &header, gate).await);
+        drained(&tasks).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_without_work_holds_no_bytes_and_one_with_many_counts_once() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        serve(&layer, |_| {}).await;
+        assert_eq!(tasks.stats().held_bytes(), 0);
+        let (release, released) = oneshot::channel::<()>();
+        serve(&layer, move |after| {
+            after.run(async move {
+                let _ = released.await;
+            });
+            for _ in 0..10 {
+                after.run(async {});
+            }
+        })
+        .await;
+        let held = tasks.stats().held_bytes();
+        assert!(held > 0 && held < 512, "one snapshot, counted once: {held}");
+        release.send(()).unwrap();
+        drained(&tasks).await;
+        eventually("the snapshot to be released", || {
+            tasks.stats().held_bytes() == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_cut_by_its_cap_is_counted_logged_and_marked() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().snapshot(crate::SnapshotConfig::new().max_bytes(1_024));
+        let tasks = layer.tasks();
+        let seen = Arc::new(Mutex::new(None));
+        let record = seen.clone();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let record = record.clone();
+            after.run_with(move |ctx| async move {
+                let request = ctx.request();
+                *record.lock().unwrap() = Some((
+                    request.truncated(),
+                    request.header("x-small").map(str::to_owned),
+                ));
+            });
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }
+        }));
+        for _ in 0..2 {
+            let request = Request::builder()
+                .uri("/upload")
+                .header("x-small", "kept")
+                .header("x-large", "l".repeat(4_096))
+                .body(())
+                .unwrap();
+            let response = service.clone().oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        }
+        drained(&tasks).await;
+        assert_eq!(*seen.lock().unwrap(), Some((true, Some("kept".to_owned()))));
+        assert_eq!(tasks.stats().truncated(), 2);
+        let warnings = logs.lines_with("request snapshot truncated");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("WARN") && warnings[0].contains("cap of 1024 bytes"));
     }
 
     #[tokio::test]

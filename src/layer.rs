@@ -14,7 +14,7 @@ use tower_service::Service;
 use tokio::sync::Semaphore;
 
 use crate::driver::Config;
-use crate::{After, AfterContext, AfterService, AfterTasks};
+use crate::{After, AfterContext, AfterService, AfterTasks, SnapshotConfig};
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see
 /// [`After`].
@@ -60,6 +60,10 @@ impl AfterLayer {
     /// otherwise: 10,000. See there for why, and what it costs in memory.
     pub const DEFAULT_MAX_PENDING: usize = 10_000;
 
+    /// How many bytes of request snapshots pending work holds at most unless
+    /// [`AfterLayer::max_held_bytes`] says otherwise: 64 MiB.
+    pub const DEFAULT_MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
+
     /// A layer with the default budget of [`AfterLayer::DEFAULT_MAX_DURATION`].
     #[must_use]
     pub fn new() -> Self {
@@ -71,6 +75,8 @@ impl AfterLayer {
                 limit_size: None,
                 on_response: None,
                 max_pending: Self::DEFAULT_MAX_PENDING,
+                snapshot: SnapshotConfig::new(),
+                max_held_bytes: Self::DEFAULT_MAX_HELD_BYTES,
             }),
         }
     }
@@ -153,10 +159,12 @@ impl AfterLayer {
     /// let layer = AfterLayer::new().on_response(audit);
     /// ```
     ///
-    /// The hook is registered first, so it starts before the request's other callbacks; it
-    /// holds a place under [`max_pending`](AfterLayer::max_pending) from the request's start. Calling
-    /// `on_response` again replaces the hook. Each request then costs one more small allocation and
-    /// a callback start, measured in `BENCHMARKS.md`.
+    /// The hook starts before the request's other callbacks. It is counted from the end of its
+    /// response, like them: a response still being sent (a stream, a long poll) holds no place
+    /// under [`max_pending`](AfterLayer::max_pending). Calling `on_response` again replaces the
+    /// hook. Each request then costs one more small allocation and a callback start, measured in
+    /// `BENCHMARKS.md`.
+    ///
     #[must_use]
     pub fn on_response<C, F>(mut self, hook: C) -> Self
     where
@@ -183,11 +191,11 @@ impl AfterLayer {
     /// drains its callbacks as fast as it takes requests comes near it. `usize::MAX` means no
     /// bound.
     ///
-    /// A request's [`on_response`](AfterLayer::on_response) hook is registered when the
-    /// request enters, so it holds a place for as long as the request is handled and its body
-    /// sent: with the hook, long streams and long polls in flight count against the bound. A
+    /// A request's [`on_response`](AfterLayer::on_response) hook takes its place when the
+    /// response ends, so open streams and long polls hold none. A
     /// [`run_named`](crate::After::run_named) registration that replaces a queued callback takes
-    /// its place and is never refused.
+    /// its place and is never refused. Once a shutdown's grace ran out, new work is refused as
+    /// well (see [`AfterTasks::shutdown`]).
     ///
     /// ```
     /// let layer = tower_after::AfterLayer::new().concurrency_limit(64).max_pending(50_000);
@@ -195,6 +203,48 @@ impl AfterLayer {
     #[must_use]
     pub fn max_pending(mut self, max_pending: usize) -> Self {
         Arc::make_mut(&mut self.config).max_pending = max_pending;
+        self
+    }
+
+    /// Sets what the [`RequestSnapshot`](crate::RequestSnapshot) of each request keeps: which
+    /// headers, and at most how many bytes (16 KiB by default). See [`SnapshotConfig`].
+    ///
+    /// Keeping only the headers callbacks read saves memory for every pending callback, and
+    /// time for every request: the snapshot is taken as the request enters the layer.
+    ///
+    /// ```
+    /// use http::header::{COOKIE, USER_AGENT};
+    /// use http::HeaderName;
+    /// use tower_after::{AfterLayer, SnapshotConfig};
+    ///
+    /// let layer = AfterLayer::new().snapshot(
+    ///     SnapshotConfig::new().keep_headers([COOKIE, USER_AGENT, HeaderName::from_static("x-request-id")]),
+    /// );
+    /// ```
+    #[must_use]
+    pub fn snapshot(mut self, snapshot: SnapshotConfig) -> Self {
+        Arc::make_mut(&mut self.config).snapshot = snapshot;
+        self
+    }
+
+    /// Sets how many bytes of request snapshots the pending work of this layer (and its clones)
+    /// holds at most: [`DEFAULT_MAX_HELD_BYTES`](AfterLayer::DEFAULT_MAX_HELD_BYTES) (64 MiB) by
+    /// default, `usize::MAX` for no bound.
+    ///
+    /// A request's snapshot counts from its first callback until its last one ended. Beyond
+    /// the bound, new work is refused like work beyond [`max_pending`](AfterLayer::max_pending):
+    /// counted in [`AfterStats::shed`](crate::AfterStats::shed), logged at `WARN` once a second
+    /// with the count, and reported to [`After::try_run_with`] callers. With the default
+    /// snapshot cap of 16 KiB, a client sending the largest headers hyper accepts pins at most
+    /// this much, whatever it sends; [`AfterStats::held_bytes`](crate::AfterStats::held_bytes)
+    /// says how much is held now.
+    ///
+    /// ```
+    /// let layer = tower_after::AfterLayer::new().max_held_bytes(16 * 1024 * 1024);
+    /// ```
+    #[must_use]
+    pub fn max_held_bytes(mut self, max_held_bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_held_bytes = max_held_bytes;
         self
     }
 
@@ -233,6 +283,8 @@ impl fmt::Debug for AfterLayer {
             .field("concurrency_limit", &self.config.limit_size)
             .field("on_response", &self.config.on_response.is_some())
             .field("max_pending", &self.config.max_pending)
+            .field("snapshot", &self.config.snapshot)
+            .field("max_held_bytes", &self.config.max_held_bytes)
             .field("tasks", &self.tasks())
             .finish()
     }

@@ -41,8 +41,12 @@ pub(crate) struct Shared {
     /// The runtime that served the layer's first request with work: where work registered from
     /// a plain thread, or from a runtime that is not serving, is run.
     runtime: OnceLock<Handle>,
-    /// Refusals, for one warning a second at most.
-    refusals: Refusals,
+    /// Refused work, for one warning a second at most.
+    refusals: Warnings,
+    /// Truncated snapshots, likewise.
+    truncations: Warnings,
+    /// Bytes of request snapshots that pending work holds.
+    held_bytes: AtomicUsize,
 }
 
 /// The totals, each counted on its own: they agree with each other whenever nothing is pending
@@ -56,6 +60,8 @@ struct Totals {
     cancelled: AtomicU64,
     forgotten: AtomicU64,
     shed: AtomicU64,
+    /// Snapshots cut by their cap.
+    truncated: AtomicU64,
     /// Written off by a shutdown: cancelled, but in the report of the drain that wrote them off
     /// only.
     written_off: AtomicU64,
@@ -104,22 +110,24 @@ pub(crate) enum Gauge {
 pub(crate) enum Refusal {
     /// The layer holds its maximum of pending callbacks: counted as shed.
     Overloaded,
+    /// Pending work holds the layer's maximum of snapshot bytes: counted as shed.
+    HeldBytes,
     /// The layer was shut down: not counted, the shutdown's report is final.
     ShutDown,
 }
 
-/// Refused work since the last warning about it, and when that was.
+/// Events since the last warning about them, and when that was: one warning a second at most.
 #[derive(Default)]
-struct Refusals {
+struct Warnings {
     /// Milliseconds since `since` at the last warning, plus one; 0 before the first.
     last_warning: AtomicU64,
     unreported: AtomicU64,
     since: OnceLock<Instant>,
 }
 
-impl Refusals {
-    /// Counts one refusal; `Some(refused since the last warning)` when a warning is due now.
-    fn refused(&self) -> Option<u64> {
+impl Warnings {
+    /// Counts one event; `Some(events since the last warning)` when a warning is due now.
+    fn event(&self) -> Option<u64> {
         self.unreported.fetch_add(1, Ordering::Relaxed);
         let since = *self.since.get_or_init(Instant::now);
         let now = u64::try_from(since.elapsed().as_millis())
@@ -186,7 +194,7 @@ impl Shared {
             Ok(()) => {}
             Err(Full::Closed) => {
                 self.totals.scheduled.fetch_sub(1, Ordering::Relaxed);
-                let warn = self.refusals.refused();
+                let warn = self.refusals.event();
                 return Err(Refused {
                     why: Refusal::ShutDown,
                     warn,
@@ -199,7 +207,7 @@ impl Shared {
                     metrics::counter!(names::SCHEDULED).increment(1);
                     metrics::counter!(names::SHED).increment(1);
                 }
-                let warn = self.refusals.refused();
+                let warn = self.refusals.event();
                 return Err(Refused {
                     why: Refusal::Overloaded,
                     warn,
@@ -243,6 +251,57 @@ impl Shared {
         if self.idle_waiters.load(Ordering::SeqCst) > 0 {
             self.idle.notify_waiters();
         }
+    }
+
+    /// Counts `bytes` of a snapshot that pending work now holds, unless the layer would hold
+    /// more than `max` (then it is counted as shed).
+    pub(crate) fn hold_bytes(&self, bytes: usize, max: usize) -> Result<(), Refused> {
+        let mut held = self.held_bytes.load(Ordering::Relaxed);
+        loop {
+            let total = held.saturating_add(bytes);
+            if total > max {
+                self.totals.scheduled.fetch_add(1, Ordering::Relaxed);
+                self.totals.shed.fetch_add(1, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                {
+                    metrics::counter!(names::SCHEDULED).increment(1);
+                    metrics::counter!(names::SHED).increment(1);
+                }
+                let warn = self.refusals.event();
+                return Err(Refused {
+                    why: Refusal::HeldBytes,
+                    warn,
+                });
+            }
+            match self.held_bytes.compare_exchange_weak(
+                held,
+                total,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Counts a snapshot cut by its cap; `Some(cut since the last warning)` when a warning is
+    /// due now.
+    pub(crate) fn truncated(&self) -> Option<u64> {
+        self.totals.truncated.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(names::TRUNCATED).increment(1);
+        self.truncations.event()
+    }
+
+    /// The snapshot's bytes are no longer held.
+    pub(crate) fn release_bytes(&self, bytes: usize) {
+        self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of request snapshots that pending work holds now.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.held_bytes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn gauge(&self, gauge: Gauge, up: bool) {
@@ -309,6 +368,8 @@ impl Shared {
             cancelled: load(&totals.cancelled) + load(&totals.written_off),
             forgotten: load(&totals.forgotten),
             shed: load(&totals.shed),
+            truncated: load(&totals.truncated),
+            held_bytes: self.held_bytes() as u64,
             running: load(&totals.running),
             queued: load(&totals.queued),
         }
@@ -416,6 +477,7 @@ pub(crate) mod names {
 
     pub(crate) const SCHEDULED: &str = "tower_after_callbacks_scheduled_total";
     pub(crate) const SHED: &str = "tower_after_callbacks_shed_total";
+    pub(crate) const TRUNCATED: &str = "tower_after_snapshots_truncated_total";
     pub(crate) const RUNNING: &str = "tower_after_callbacks_running";
     pub(crate) const QUEUED: &str = "tower_after_callbacks_queued";
 
@@ -449,6 +511,7 @@ pub(crate) mod names {
 /// | `tower_after_callbacks_cancelled_total` | counter |
 /// | `tower_after_callbacks_forgotten_total` | counter |
 /// | `tower_after_callbacks_shed_total` | counter |
+/// | `tower_after_snapshots_truncated_total` | counter |
 /// | `tower_after_callbacks_running` | gauge |
 /// | `tower_after_callbacks_queued` | gauge |
 ///
@@ -471,6 +534,8 @@ pub struct AfterStats {
     pub(crate) cancelled: u64,
     pub(crate) forgotten: u64,
     pub(crate) shed: u64,
+    pub(crate) truncated: u64,
+    pub(crate) held_bytes: u64,
     pub(crate) running: u64,
     pub(crate) queued: u64,
 }
@@ -517,11 +582,28 @@ impl AfterStats {
     }
 
     /// Callbacks refused when registered, because the layer already held its
-    /// [maximum of pending callbacks](crate::AfterLayer::max_pending). They never ran; each
-    /// refusal is also logged (a `WARN` a second at most, with the count).
+    /// [maximum of pending callbacks](crate::AfterLayer::max_pending), or pending work already
+    /// held its [maximum of snapshot bytes](crate::AfterLayer::max_held_bytes). They never ran;
+    /// each refusal is also logged (a `WARN` a second at most, with the count).
     #[must_use]
     pub fn shed(&self) -> u64 {
         self.shed
+    }
+
+    /// Request snapshots cut by their cap ([`SnapshotConfig::max_bytes`](crate::SnapshotConfig::max_bytes)):
+    /// headers, or the request target, left out because the request was larger. Each is also
+    /// logged (a `WARN` a second at most, with the count), and marked
+    /// [`truncated`](crate::RequestSnapshot::truncated) for its callbacks.
+    #[must_use]
+    pub fn truncated(&self) -> u64 {
+        self.truncated
+    }
+
+    /// Bytes of request snapshots that pending callbacks hold now, bounded by
+    /// [`AfterLayer::max_held_bytes`](crate::AfterLayer::max_held_bytes).
+    #[must_use]
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
     }
 
     /// Callbacks running now.

@@ -363,5 +363,5 @@ pub use handle::{after, try_after, After, AfterWork};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
 pub use ledger::AfterStats;
 pub use service::AfterService;
-pub use snapshot::RequestSnapshot;
+pub use snapshot::{RequestSnapshot, SnapshotConfig};
 pub use tasks::{AfterTasks, Overloaded, ShutdownReport};

@@ -74,7 +74,20 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let snapshot = RequestSnapshot::new(&request);
+        let snapshot = RequestSnapshot::new(&request, &self.config.snapshot);
+        if snapshot.truncated() {
+            if let Some(count) = self.config.shared.truncated() {
+                tracing::warn!(
+                    method = %snapshot.method(),
+                    path = snapshot.path(),
+                    truncated = count,
+                    "request snapshot truncated: the request is larger than the snapshot's cap of \
+                     {} bytes (callbacks see it as `truncated()`; raise \
+                     `SnapshotConfig::max_bytes`, or keep only the headers callbacks read)",
+                    self.config.snapshot.max_bytes_value()
+                );
+            }
+        }
         let inflight = Inflight::open(snapshot, &self.config);
         request
             .extensions_mut()

@@ -9,19 +9,128 @@
 //! copied into one small buffer, one allocation; the `Uri` and the `HeaderMap` are rebuilt from
 //! it on first use, inside the callback, off the response path. Cookies and single headers are
 //! read from the buffer directly.
+//!
+//! A [`SnapshotConfig`] bounds the copy: a byte cap, so that a client's large headers cannot
+//! make every pending callback pin that much memory, and a list of the headers to keep, which
+//! skips the others without copying them.
 
 use std::fmt;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
 use cookie::Cookie;
-use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::header::{GetAll, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+
+/// What a [`RequestSnapshot`] keeps of a request: which headers, and at most how many bytes.
+///
+/// Every pending callback holds its request's snapshot, so what a client sends decides what the
+/// layer holds: hyper accepts headers of hundreds of KiB. The cap bounds that per request; the
+/// keep-list drops the headers callbacks do not read, and makes the snapshot cheaper to take.
+///
+/// By default all headers are kept, up to [`DEFAULT_MAX_BYTES`](Self::DEFAULT_MAX_BYTES)
+/// (16 KiB, the header size limit of Node.js and so of Next.js).
+///
+/// What counts against the cap, in this order:
+///
+/// 1. the method, if it is an extension longer than 15 bytes (shorter ones are stored inline);
+///    one that does not fit is cut to its first 15 bytes;
+/// 2. the request target (`scheme://authority/path?query`, as it came); one that does not fit
+///    is replaced by its path alone, cut at a character boundary to what fits (`/` if nothing
+///    does), so that [`RequestSnapshot::uri`] and [`RequestSnapshot::path`] stay valid;
+/// 3. each kept header: its name, its value and 8 bytes of bookkeeping. Headers are taken in
+///    the order of the request's `HeaderMap` (request order, with a name's later values right
+///    after its first), or with a keep-list in the list's order, while they fit; the first one
+///    that does not fit and every later one are left out. So a header found in the snapshot is
+///    always the request's first of that name, and a keep-list's first names are the last to go.
+///
+/// Whatever is cut or left out by the cap marks the snapshot
+/// [`truncated`](RequestSnapshot::truncated); headers left out by the keep-list do not.
+///
+/// ```
+/// use http::header::{COOKIE, USER_AGENT};
+/// use http::HeaderName;
+/// use tower_after::SnapshotConfig;
+///
+/// let config = SnapshotConfig::new()
+///     .keep_headers([COOKIE, USER_AGENT, HeaderName::from_static("x-request-id")])
+///     .max_bytes(4 * 1024);
+/// ```
+#[derive(Clone, Debug)]
+pub struct SnapshotConfig {
+    keep: Keep,
+    max_bytes: usize,
+}
+
+/// Which headers a snapshot keeps.
+#[derive(Clone, Debug)]
+enum Keep {
+    All,
+    /// Without duplicates, in the caller's order. Each is looked up in the request's map.
+    Only(Box<[HeaderName]>),
+}
+
+impl SnapshotConfig {
+    /// The default cap, 16 KiB: what Node.js, and so Next.js, accepts for a request's headers.
+    pub const DEFAULT_MAX_BYTES: usize = 16 * 1024;
+
+    /// All headers, up to [`DEFAULT_MAX_BYTES`](Self::DEFAULT_MAX_BYTES).
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            keep: Keep::All,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        }
+    }
+
+    /// Keeps only the headers called `names` (all their values), and skips the others without
+    /// copying them: cheaper than keeping all, for a few names. Under the cap, earlier names
+    /// come first. An empty list keeps no header.
+    #[must_use]
+    pub fn keep_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let mut unique = Vec::new();
+        for name in names {
+            // Listed twice, a header would be copied twice.
+            if !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
+        self.keep = Keep::Only(unique.into_boxed_slice());
+        self
+    }
+
+    /// Keeps every header (the default).
+    #[must_use]
+    pub fn keep_all_headers(mut self) -> Self {
+        self.keep = Keep::All;
+        self
+    }
+
+    /// The most bytes one snapshot holds beyond its fixed size (16 KiB by default);
+    /// `usize::MAX` for no cap.
+    #[must_use]
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// The cap, for the crate's own messages.
+    pub(crate) fn max_bytes_value(&self) -> usize {
+        self.max_bytes
+    }
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// The method, URI, version and headers of a request, as they were when it entered
 /// [`AfterLayer`](crate::AfterLayer).
 ///
-/// Changes made later by inner middleware or the handler are not seen here.
+/// Changes made later by inner middleware or the handler are not seen here. Which headers it
+/// holds, and how many bytes, is bounded by a [`SnapshotConfig`].
 ///
 /// Its `Debug` output hides the values of `Authorization`, `Proxy-Authorization`, `Cookie` and
 /// `Set-Cookie`, so logging a snapshot does not leak credentials.
@@ -45,6 +154,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 pub struct RequestSnapshot {
     method: Method,
     version: Version,
+    /// Whether the cap cut or left out anything.
+    truncated: bool,
     /// The request target, then each header as `name length, value length, name, value` (lengths
     /// as little-endian `u32`).
     raw: Box<[u8]>,
@@ -57,35 +168,124 @@ pub struct RequestSnapshot {
 /// Bytes of a header's two lengths in `raw`.
 const LENGTHS: usize = 8;
 
+/// The longest method `http` stores inline; longer ones are on the heap.
+const INLINE_METHOD: usize = 15;
+
 impl RequestSnapshot {
-    pub(crate) fn new<B>(request: &Request<B>) -> Self {
+    pub(crate) fn new<B>(request: &Request<B>, config: &SnapshotConfig) -> Self {
+        let headers = request.headers();
+        match &config.keep {
+            Keep::All => Self::build(request, config.max_bytes, All(headers)),
+            Keep::Only(names) => {
+                Self::build(request, config.max_bytes, Listed::new(headers, names))
+            }
+        }
+    }
+
+    /// The snapshot of `request` with the headers `kept` visits, in that order, while they fit.
+    /// They are visited twice: to count their bytes, then to copy them into a buffer of that
+    /// size.
+    fn build<B>(request: &Request<B>, max_bytes: usize, kept: impl Kept) -> Self {
+        // Lengths are stored as `u32`s: in a buffer below 4 GiB, every one fits.
+        let mut budget = max_bytes.min(u32::MAX as usize);
+        let mut truncated = false;
+
+        let mut method = request.method().clone();
+        let method_len = method_heap(&method);
+        if method_len <= budget {
+            budget -= method_len;
+        } else if let Some(Ok(cut)) = method
+            .as_str()
+            .as_bytes()
+            .get(..INLINE_METHOD)
+            .map(Method::from_bytes)
+        {
+            // A prefix of a token is a token, and one this short is stored inline.
+            method = cut;
+            truncated = true;
+        }
+
         let uri = request.uri();
-        let target = target_parts(uri);
-        let target_len: usize = target.iter().map(|part| part.len()).sum();
-        let headers_len: usize = request
-            .headers()
-            .iter()
-            .map(|(name, value)| LENGTHS + name.as_str().len() + value.len())
-            .sum();
+        let mut target = target_parts(uri);
+        let mut target_len: usize = target.iter().map(|part| part.len()).sum();
+        if target_len > budget {
+            let path = uri.path();
+            let mut end = budget.min(path.len());
+            while !path.is_char_boundary(end) {
+                end -= 1;
+            }
+            target = [&path[..end], "", "", ""];
+            target_len = end;
+            truncated = true;
+        }
+        budget -= target_len;
+
+        // How many of the kept headers fit, and their bytes.
+        let mut count = 0_usize;
+        let mut headers_len = 0;
+        kept.visit(|name, value| {
+            let len = LENGTHS + name.len() + value.len();
+            if len > budget - headers_len {
+                truncated = true;
+                return false;
+            }
+            headers_len += len;
+            count += 1;
+            true
+        });
+
         let mut raw = Vec::with_capacity(target_len + headers_len);
         for part in target {
             raw.extend_from_slice(part.as_bytes());
         }
-        for (name, value) in request.headers() {
-            // Header names and values are far below 4 GiB: hyper and h2 cap them in kilobytes.
-            raw.extend_from_slice(&(name.as_str().len() as u32).to_le_bytes());
+        kept.visit(|name, value| {
+            if count == 0 {
+                return false;
+            }
+            count -= 1;
+            // Both below `budget`, so below `u32::MAX`.
+            raw.extend_from_slice(&(name.len() as u32).to_le_bytes());
             raw.extend_from_slice(&(value.len() as u32).to_le_bytes());
-            raw.extend_from_slice(name.as_str().as_bytes());
+            raw.extend_from_slice(name);
             raw.extend_from_slice(value.as_bytes());
-        }
+            true
+        });
         Self {
-            method: request.method().clone(),
+            method,
             version: request.version(),
+            truncated,
             raw: raw.into_boxed_slice(),
             target_len,
             uri: OnceLock::new(),
             headers: OnceLock::new(),
         }
+    }
+
+    /// Whether the [`SnapshotConfig`]'s byte cap cut the method or the request target, or left
+    /// out headers. Headers left out because they are not in its keep-list do not count.
+    ///
+    /// A callback that needs a header can tell "not sent" from "not kept":
+    ///
+    /// ```
+    /// # use tower_after::RequestSnapshot;
+    /// fn request_id(request: &RequestSnapshot) -> &str {
+    ///     match request.header("x-request-id") {
+    ///         Some(id) => id,
+    ///         None if request.truncated() => "<too large to keep>",
+    ///         None => "-",
+    ///     }
+    /// }
+    /// ```
+    #[must_use]
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// The heap bytes this snapshot keeps alive while a callback holds it, fixed at creation:
+    /// its own size, its buffer and a long method's bytes. The `Uri` and `HeaderMap` rebuilt on
+    /// demand are not counted: they exist only once a running callback reads them.
+    pub(crate) fn held_bytes(&self) -> usize {
+        SNAPSHOT_SIZE + self.raw.len() + method_heap(&self.method)
     }
 
     /// The request method.
@@ -229,6 +429,84 @@ impl RequestSnapshot {
     }
 }
 
+/// The headers a snapshot keeps, visited in order as `(name, value)` until the visitor returns
+/// `false`. Visiting with a closure, rather than iterating, keeps the nested loops of [`Listed`]
+/// as cheap as plain ones.
+trait Kept {
+    fn visit(&self, visitor: impl FnMut(&[u8], &HeaderValue) -> bool);
+}
+
+/// Every header, in the map's order.
+struct All<'a>(&'a HeaderMap);
+
+impl Kept for All<'_> {
+    fn visit(&self, mut visitor: impl FnMut(&[u8], &HeaderValue) -> bool) {
+        for (name, value) in self.0 {
+            if !visitor(name.as_str().as_bytes(), value) {
+                return;
+            }
+        }
+    }
+}
+
+/// The values of the listed names, in the list's order. A lookup per name, not a comparison per
+/// header and name: with a few names, fewer instructions, and the headers left out are never
+/// touched.
+struct Listed<'a> {
+    headers: &'a HeaderMap,
+    names: &'a [HeaderName],
+    /// The first names' lookups, made once for both visits.
+    found: [Option<GetAll<'a, HeaderValue>>; LOOKUPS],
+}
+
+/// How many lookups [`Listed`] keeps; names beyond are looked up on each visit.
+const LOOKUPS: usize = 8;
+
+impl<'a> Listed<'a> {
+    fn new(headers: &'a HeaderMap, names: &'a [HeaderName]) -> Self {
+        let found = std::array::from_fn(|i| names.get(i).map(|name| headers.get_all(name)));
+        Self {
+            headers,
+            names,
+            found,
+        }
+    }
+}
+
+impl Kept for Listed<'_> {
+    fn visit(&self, mut visitor: impl FnMut(&[u8], &HeaderValue) -> bool) {
+        for (index, name) in self.names.iter().enumerate() {
+            let looked_up;
+            let values = match self.found.get(index) {
+                Some(Some(found)) => found,
+                _ => {
+                    looked_up = self.headers.get_all(name);
+                    &looked_up
+                }
+            };
+            let name = name.as_str().as_bytes();
+            for value in values {
+                if !visitor(name, value) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The fixed part of [`RequestSnapshot::held_bytes`].
+const SNAPSHOT_SIZE: usize = std::mem::size_of::<RequestSnapshot>();
+
+/// The bytes `http` allocates for `method`: only extension methods too long to store inline.
+fn method_heap(method: &Method) -> usize {
+    let len = method.as_str().len();
+    if len > INLINE_METHOD {
+        len
+    } else {
+        0
+    }
+}
+
 /// The request target as string pieces: `scheme://authority/path?query`, or the parts of it the
 /// URI has.
 fn target_parts(uri: &Uri) -> [&str; 4] {
@@ -270,6 +548,7 @@ impl fmt::Debug for RequestSnapshot {
             .field("uri", self.uri())
             .field("version", &self.version)
             .field("headers", &Headers(self))
+            .field("truncated", &self.truncated)
             .finish()
     }
 }
@@ -285,7 +564,7 @@ mod tests {
             let value = HeaderValue::from_bytes(value).expect("test header is valid");
             request.headers_mut().append(COOKIE, value);
         }
-        RequestSnapshot::new(&request)
+        RequestSnapshot::new(&request, &SnapshotConfig::default())
     }
 
     #[test]
@@ -298,7 +577,7 @@ mod tests {
             ("*", "*"),
         ] {
             let request = Request::builder().uri(uri).body(()).unwrap();
-            let snapshot = RequestSnapshot::new(&request);
+            let snapshot = RequestSnapshot::new(&request, &SnapshotConfig::default());
             assert_eq!(snapshot.path(), path, "{uri}");
             assert_eq!(snapshot.path(), request.uri().path(), "{uri}");
         }
@@ -347,7 +626,7 @@ mod tests {
             .header("x-bytes", HeaderValue::from_bytes(b"caf\xe9").unwrap())
             .body(())
             .unwrap();
-        let snapshot = RequestSnapshot::new(&request);
+        let snapshot = RequestSnapshot::new(&request, &SnapshotConfig::default());
         assert_eq!(snapshot.method(), Method::POST);
         assert_eq!(snapshot.uri(), request.uri());
         assert_eq!(snapshot.headers(), request.headers());
@@ -367,7 +646,7 @@ mod tests {
             "example.com:443",
         ] {
             let request = Request::builder().uri(target).body(()).unwrap();
-            let snapshot = RequestSnapshot::new(&request);
+            let snapshot = RequestSnapshot::new(&request, &SnapshotConfig::default());
             assert_eq!(snapshot.uri(), request.uri(), "{target}");
         }
     }
@@ -385,9 +664,377 @@ mod tests {
             HeaderValue::from_static("session-id=secret-session"),
         );
         headers.insert("x-trace", HeaderValue::from_static("visible"));
-        let text = format!("{:?}", RequestSnapshot::new(&request));
+        let text = format!(
+            "{:?}",
+            RequestSnapshot::new(&request, &SnapshotConfig::default())
+        );
         assert!(!text.contains("secret"), "{text}");
         assert!(text.contains("visible"), "{text}");
         assert!(text.contains("<redacted>"), "{text}");
+    }
+
+    fn request(target: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::get(target);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("test request is valid")
+    }
+
+    fn capped(max_bytes: usize) -> SnapshotConfig {
+        SnapshotConfig::new().max_bytes(max_bytes)
+    }
+
+    fn names(snapshot: &RequestSnapshot) -> Vec<&str> {
+        snapshot
+            .raw_headers()
+            .map(|(name, _)| std::str::from_utf8(name).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_defaults_keep_every_header_up_to_16_kib() {
+        let config = SnapshotConfig::default();
+        assert!(matches!(config.keep, Keep::All));
+        assert_eq!(config.max_bytes, 16 * 1024);
+        assert_eq!(SnapshotConfig::DEFAULT_MAX_BYTES, 16 * 1024);
+
+        // `/` and one header of exactly what is left: 8 + 5 + value.
+        let fits = "v".repeat(16 * 1024 - 1 - LENGTHS - 5);
+        let snapshot = RequestSnapshot::new(&request("/", &[("x-big", &fits)]), &config);
+        assert!(!snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 16 * 1024);
+        let one_more = format!("{fits}v");
+        let snapshot = RequestSnapshot::new(&request("/", &[("x-big", &one_more)]), &config);
+        assert!(snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 1);
+    }
+
+    #[test]
+    fn headers_are_kept_in_order_until_the_first_that_does_not_fit() {
+        // "/a" is 2 bytes; the headers cost 8 + 3 + 4 = 15, 8 + 3 + 10 = 21 and 8 + 3 + 1 = 12.
+        let request = request(
+            "/a",
+            &[("x-a", "1234"), ("x-b", "0123456789"), ("x-c", "1")],
+        );
+        let snapshot = RequestSnapshot::new(&request, &capped(2 + 15 + 20));
+        // `x-c` would fit, but is after the first that does not.
+        assert_eq!(names(&snapshot), ["x-a"]);
+        assert!(snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 2 + 15);
+        assert_eq!(snapshot.header("x-a"), Some("1234"));
+        assert_eq!(snapshot.header("x-c"), None);
+        let mut expected = HeaderMap::new();
+        expected.insert("x-a", HeaderValue::from_static("1234"));
+        assert_eq!(snapshot.headers(), &expected);
+        assert_eq!(snapshot.uri(), "/a");
+
+        let snapshot = RequestSnapshot::new(&request, &capped(2 + 15 + 21));
+        assert_eq!(names(&snapshot), ["x-a", "x-b"]);
+        assert!(snapshot.truncated());
+
+        let snapshot = RequestSnapshot::new(&request, &capped(2 + 15 + 21 + 12));
+        assert_eq!(names(&snapshot), ["x-a", "x-b", "x-c"]);
+        assert!(!snapshot.truncated(), "exactly the cap fits");
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 2 + 15 + 21 + 12);
+        assert_eq!(snapshot.headers(), request.headers());
+    }
+
+    #[test]
+    fn a_keep_list_skips_other_headers_without_truncating() {
+        let big = "x".repeat(1000);
+        let request = request(
+            "/",
+            &[
+                ("accept", "*/*"),
+                ("cookie", "a=1; b=2"),
+                ("x-other", &big),
+                ("user-agent", "probe/1.0"),
+                ("x-request-id", "r-7"),
+                ("cookie", "c=3"),
+            ],
+        );
+        let config = SnapshotConfig::new()
+            .keep_headers([
+                COOKIE,
+                http::header::USER_AGENT,
+                HeaderName::from_static("x-request-id"),
+            ])
+            .max_bytes(100);
+        let snapshot = RequestSnapshot::new(&request, &config);
+        assert!(!snapshot.truncated(), "left out by the list, not the cap");
+        // A `HeaderMap` yields a name's values together, after its first.
+        assert_eq!(
+            names(&snapshot),
+            ["cookie", "cookie", "user-agent", "x-request-id"]
+        );
+        let expected = 1 + (8 + 6 + 8) + (8 + 6 + 3) + (8 + 10 + 9) + (8 + 12 + 3);
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + expected);
+        assert_eq!(
+            snapshot.cookies().collect::<Vec<_>>(),
+            [("a", "1"), ("b", "2"), ("c", "3")]
+        );
+        assert_eq!(snapshot.cookie("c"), Some("3"));
+        assert_eq!(snapshot.header("user-agent"), Some("probe/1.0"));
+        assert_eq!(snapshot.header("X-Request-Id"), Some("r-7"));
+        assert_eq!(snapshot.header("accept"), None);
+        assert_eq!(snapshot.headers().len(), 4);
+        assert_eq!(snapshot.headers().get_all(COOKIE).iter().count(), 2);
+        assert!(snapshot.headers().get("x-other").is_none());
+
+        // The cap applies to what the list keeps.
+        let snapshot = RequestSnapshot::new(&request, &config.clone().max_bytes(expected - 1));
+        assert!(snapshot.truncated());
+        assert_eq!(names(&snapshot), ["cookie", "cookie", "user-agent"]);
+
+        // A name listed twice is copied once.
+        let twice = RequestSnapshot::new(
+            &request,
+            &SnapshotConfig::new().keep_headers([COOKIE, COOKIE]),
+        );
+        assert_eq!(names(&twice), ["cookie", "cookie"]);
+
+        // An empty list keeps no header; back to all of them.
+        let none = RequestSnapshot::new(&request, &config.clone().keep_headers([]));
+        assert_eq!(none.held_bytes(), SNAPSHOT_SIZE + 1);
+        assert!(!none.truncated());
+        let all = RequestSnapshot::new(&request, &config.keep_all_headers().max_bytes(usize::MAX));
+        assert_eq!(all.headers(), request.headers());
+    }
+
+    #[test]
+    fn a_target_that_does_not_fit_is_cut_to_its_path() {
+        for (target, max_bytes, path) in [
+            ("/orders/7?page=2", 15, "/orders/7"),
+            ("/orders/7?page=2", 5, "/orde"),
+            ("http://example.com/a/b?c", 10, "/a/b"),
+            ("http://example.com", 10, "/"),
+            ("/caf\u{e9}/x", 5, "/caf"),
+            ("/caf\u{e9}/x", 6, "/caf\u{e9}"),
+            ("example.com:443", 3, "/"),
+            ("/abc", 0, "/"),
+            ("*", 0, "/"),
+        ] {
+            let request = request(target, &[("x-a", "1")]);
+            let snapshot = RequestSnapshot::new(&request, &capped(max_bytes));
+            assert!(snapshot.truncated(), "{target}");
+            assert_eq!(snapshot.path(), path, "{target}");
+            assert_eq!(snapshot.uri().path(), path, "{target}");
+            assert_eq!(snapshot.uri().query(), None, "{target}");
+            assert_eq!(snapshot.uri().authority(), None, "{target}");
+            assert!(snapshot.headers().is_empty(), "{target}");
+            assert!(
+                snapshot.held_bytes() <= SNAPSHOT_SIZE + max_bytes,
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_method_counts_and_is_cut_when_it_does_not_fit() {
+        let long = Method::from_bytes(&[b'M'; 40]).unwrap();
+        let mut request = request("/", &[]);
+        *request.method_mut() = long.clone();
+
+        let snapshot = RequestSnapshot::new(&request, &capped(41));
+        assert!(!snapshot.truncated());
+        assert_eq!(snapshot.method(), long);
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 40 + 1);
+
+        let snapshot = RequestSnapshot::new(&request, &capped(39));
+        assert!(snapshot.truncated());
+        assert_eq!(snapshot.method().as_str(), "M".repeat(INLINE_METHOD));
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 1);
+
+        // Short methods are stored inline and cost nothing.
+        *request.method_mut() = Method::from_bytes(b"PURGE").unwrap();
+        let snapshot = RequestSnapshot::new(&request, &capped(1));
+        assert!(!snapshot.truncated());
+        assert_eq!(snapshot.held_bytes(), SNAPSHOT_SIZE + 1);
+    }
+
+    #[test]
+    fn debug_says_whether_the_snapshot_was_truncated() {
+        let request = request("/", &[("x-a", "1")]);
+        let text = format!("{:?}", RequestSnapshot::new(&request, &capped(1)));
+        assert!(text.contains("truncated: true"), "{text}");
+    }
+
+    mod hostile {
+        use super::*;
+        use http::header::{ACCEPT, USER_AGENT};
+        use proptest::prelude::*;
+
+        /// Names the strategies pick from, so that keep-lists and duplicates meet.
+        fn pool() -> [HeaderName; 5] {
+            [
+                COOKIE,
+                USER_AGENT,
+                ACCEPT,
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("x-dup"),
+            ]
+        }
+
+        fn name() -> impl Strategy<Value = HeaderName> {
+            prop_oneof![
+                3 => (0..pool().len()).prop_map(|index| pool()[index].clone()),
+                1 => "x-[a-z0-9-]{1,30}".prop_map(|name| HeaderName::try_from(name).unwrap()),
+            ]
+        }
+
+        /// Any bytes `HeaderValue` accepts, UTF-8 or not, cookie separators included. A long
+        /// value repeats a short random pattern: a strategy per byte would make the test slow.
+        fn value() -> impl Strategy<Value = HeaderValue> {
+            let byte = prop_oneof![
+                Just(b'\t'),
+                Just(b'='),
+                Just(b';'),
+                0x20_u8..=0x7e,
+                0x80_u8..=0xff,
+            ];
+            let pattern = prop::collection::vec(byte, 1..24);
+            let len = prop_oneof![8 => 0_usize..40, 2 => 0_usize..4000];
+            (pattern, len).prop_map(|(pattern, len)| {
+                let bytes: Vec<u8> = pattern.into_iter().cycle().take(len).collect();
+                HeaderValue::from_bytes(&bytes).unwrap()
+            })
+        }
+
+        fn target() -> impl Strategy<Value = Uri> {
+            let path = prop_oneof![
+                "/[a-z0-9/%.-]{0,40}(\\?[a-z0-9=&]{0,40})?".boxed(),
+                // Long, and with multi-byte characters where a cut may land.
+                (0_usize..12_000, 0_usize..8_000)
+                    .prop_map(|(path, query)| {
+                        let path: String = (0..path)
+                            .map(|i| if i % 3 == 0 { '\u{e9}' } else { 'a' })
+                            .collect();
+                        format!("/{path}?{}", "q".repeat(query))
+                    })
+                    .boxed(),
+            ];
+            prop_oneof![
+                4 => path.clone(),
+                1 => path.prop_map(|path| format!("http://example.com{path}")),
+                1 => Just("*".to_owned()),
+                1 => Just("example.com:443".to_owned()),
+            ]
+            .prop_map(|target| Uri::try_from(target).unwrap())
+        }
+
+        fn method() -> impl Strategy<Value = Method> {
+            prop_oneof![
+                Just(Method::GET),
+                Just(Method::POST),
+                "[A-Z]{1,40}".prop_map(|method| Method::from_bytes(method.as_bytes()).unwrap()),
+            ]
+        }
+
+        fn config() -> impl Strategy<Value = (Option<Vec<HeaderName>>, usize)> {
+            let keep = prop_oneof![
+                Just(None),
+                // Duplicates, names never sent, and more than `LOOKUPS` names.
+                prop::collection::vec(name(), 0..12).prop_map(Some),
+            ];
+            let max_bytes = prop_oneof![
+                0_usize..200,
+                0_usize..20_000,
+                Just(SnapshotConfig::DEFAULT_MAX_BYTES),
+                Just(usize::MAX),
+            ];
+            (keep, max_bytes)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn the_cap_and_the_list_hold_against_hostile_requests(
+                method in method(),
+                target in target(),
+                headers in prop::collection::vec((name(), value()), 0..=100),
+                (keep, max_bytes) in config(),
+            ) {
+                let mut request = Request::new(());
+                *request.method_mut() = method;
+                *request.uri_mut() = target;
+                for (name, value) in headers {
+                    request.headers_mut().append(name, value);
+                }
+                let mut config = SnapshotConfig::new().max_bytes(max_bytes);
+                if let Some(names) = keep.clone() {
+                    config = config.keep_headers(names);
+                }
+                let snapshot = RequestSnapshot::new(&request, &config);
+
+                prop_assert!(snapshot.held_bytes() <= max_bytes.saturating_add(SNAPSHOT_SIZE));
+
+                // The kept headers are the first of those the list keeps: in request order, or
+                // in the list's order, each name's values in request order.
+                let listed: Vec<_> = match &keep {
+                    None => request.headers().iter().collect(),
+                    Some(names) => {
+                        let mut unique: Vec<&HeaderName> = Vec::new();
+                        for name in names {
+                            if !unique.contains(&name) {
+                                unique.push(name);
+                            }
+                        }
+                        unique
+                            .into_iter()
+                            .flat_map(|name| request.headers().get_all(name).iter().map(move |value| (name, value)))
+                            .collect()
+                    }
+                };
+                let kept: Vec<_> = snapshot.raw_headers().collect();
+                prop_assert!(kept.len() <= listed.len());
+                for ((name, value), (listed_name, listed_value)) in kept.iter().zip(&listed) {
+                    prop_assert_eq!(*name, listed_name.as_str().as_bytes());
+                    prop_assert_eq!(*value, listed_value.as_bytes());
+                }
+
+                // Truncated exactly when the cap cut something, and only what did not fit.
+                let full_target = target_parts(request.uri()).concat();
+                let target_cut = snapshot.raw[..snapshot.target_len] != *full_target.as_bytes();
+                let method_cut = snapshot.method() != request.method();
+                let headers_cut = kept.len() < listed.len();
+                prop_assert_eq!(snapshot.truncated(), target_cut || method_cut || headers_cut);
+                if headers_cut {
+                    let (name, value) = listed[kept.len()];
+                    let used = snapshot.held_bytes() - SNAPSHOT_SIZE;
+                    prop_assert!(used + LENGTHS + name.as_str().len() + value.len() > max_bytes);
+                }
+                if target_cut {
+                    prop_assert!(method_heap(snapshot.method()) + full_target.len() > max_bytes);
+                    prop_assert!(request.uri().path().starts_with(snapshot.path()) || snapshot.path() == "/");
+                    prop_assert_eq!(snapshot.uri().query(), None);
+                } else {
+                    prop_assert_eq!(snapshot.uri(), request.uri());
+                }
+                if method_cut {
+                    prop_assert!(request.method().as_str().starts_with(snapshot.method().as_str()));
+                }
+
+                // Every reader sees what was kept, and only that.
+                prop_assert_eq!(snapshot.path(), snapshot.uri().path());
+                let mut expected = HeaderMap::new();
+                let mut only_kept = Request::new(());
+                for (name, value) in &kept {
+                    let name = HeaderName::from_bytes(name).unwrap();
+                    let value = HeaderValue::from_bytes(value).unwrap();
+                    expected.append(name.clone(), value.clone());
+                    only_kept.headers_mut().append(name, value);
+                }
+                prop_assert_eq!(snapshot.headers(), &expected);
+                for name in pool() {
+                    let first = expected.get(&name).and_then(|value| std::str::from_utf8(value.as_bytes()).ok());
+                    prop_assert_eq!(snapshot.header(name.as_str()), first);
+                }
+                let uncapped = RequestSnapshot::new(&only_kept, &capped(usize::MAX));
+                prop_assert!(snapshot.cookies().eq(uncapped.cookies()));
+                let _ = format!("{snapshot:?}");
+            }
+        }
     }
 }

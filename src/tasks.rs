@@ -12,8 +12,9 @@ use crate::deadline::{self, until};
 use crate::ledger::{AfterStats, Refusal, Shared, SETTLE};
 
 /// Why [`After::try_run_with`](crate::After::try_run_with) refused work: the layer already
-/// holds its [maximum of pending callbacks](crate::AfterLayer::max_pending), or it was shut
-/// down and takes no more work.
+/// holds its [maximum of pending callbacks](crate::AfterLayer::max_pending) or
+/// [of snapshot bytes](crate::AfterLayer::max_held_bytes), or it was shut down and takes no
+/// more work.
 ///
 /// ```
 /// # fn example(error: tower_after::Overloaded) {
@@ -22,15 +23,17 @@ use crate::ledger::{AfterStats, Refusal, Shared, SETTLE};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overloaded {
+    why: Refusal,
     max_pending: usize,
-    shut_down: bool,
+    max_held_bytes: usize,
 }
 
 impl Overloaded {
-    pub(crate) fn new(why: Refusal, max_pending: usize) -> Self {
+    pub(crate) fn new(why: Refusal, max_pending: usize, max_held_bytes: usize) -> Self {
         Self {
+            why,
             max_pending,
-            shut_down: why == Refusal::ShutDown,
+            max_held_bytes,
         }
     }
 
@@ -44,25 +47,32 @@ impl Overloaded {
     /// (its grace ran out), rather than because the layer was full.
     #[must_use]
     pub fn is_shut_down(&self) -> bool {
-        self.shut_down
+        self.why == Refusal::ShutDown
     }
 }
 
 impl fmt::Display for Overloaded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.shut_down {
-            return f.write_str(
+        match self.why {
+            Refusal::Overloaded => write!(
+                f,
+                "after-response work refused: the layer holds its maximum of {} pending \
+                 callbacks (raise it with `AfterLayer::max_pending`)",
+                self.max_pending
+            ),
+            Refusal::HeldBytes => write!(
+                f,
+                "after-response work refused: pending work holds the layer's maximum of {} bytes \
+                 of request snapshots (keep fewer headers with `AfterLayer::snapshot`, or raise \
+                 `AfterLayer::max_held_bytes`)",
+                self.max_held_bytes
+            ),
+            Refusal::ShutDown => f.write_str(
                 "after-response work refused: the layer was shut down and its grace period ran \
                  out (register work before `AfterTasks::shutdown` gives up, or give it a longer \
                  grace)",
-            );
+            ),
         }
-        write!(
-            f,
-            "after-response work refused: the layer holds its maximum of {} pending callbacks \
-             (raise it with `AfterLayer::max_pending`)",
-            self.max_pending
-        )
     }
 }
 
