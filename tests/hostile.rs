@@ -200,3 +200,60 @@ async fn a_real_server_survives_hostile_requests() {
     support::eventually("callbacks to end", || tasks.pending() == 0).await;
     assert_eq!(tasks.stats().panicked(), 0);
 }
+
+#[tokio::test]
+async fn large_headers_through_a_real_server_pin_no_more_than_the_bound() {
+    // Every response keeps its snapshot while its hook waits.
+    let (release, released) = tokio::sync::watch::channel(());
+    let layer = AfterLayer::new()
+        .max_held_bytes(1024 * 1024)
+        .on_response(move |_| {
+            let mut released = released.clone();
+            async move {
+                let _ = released.changed().await;
+            }
+        });
+    let tasks = layer.tasks();
+    let address = support::serve(Router::new().layer(layer)).await;
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let send =
+        |value: &str| format!("GET / HTTP/1.1\r\nhost: localhost\r\nx-large: {value}\r\n\r\n");
+    // Beyond a snapshot's cap of 16 KiB: cut, and marked; under it: kept, until the bound.
+    let (huge, large) = ("h".repeat(64 * 1024), "l".repeat(15 * 1024));
+    for value in [huge.as_str(); 50].into_iter().chain([large.as_str(); 100]) {
+        stream.write_all(send(value).as_bytes()).await.unwrap();
+        read_head(&mut stream).await;
+    }
+    support::eventually("every hook to be registered or shed", || {
+        let stats = tasks.stats();
+        stats.scheduled() == 150
+    })
+    .await;
+    let stats = tasks.stats();
+    assert_eq!(stats.truncated(), 50);
+    assert!(stats.held_bytes() <= 1024 * 1024, "{stats:?}");
+    // About 66 snapshots of 15 KiB fit in 1 MiB: the rest were shed.
+    assert!((30..=40).contains(&stats.shed()), "{stats:?}");
+    assert_eq!(tasks.pending() as u64 + stats.shed(), 150);
+    drop(release);
+    support::eventually("the hooks to end", || tasks.pending() == 0).await;
+    support::eventually("the snapshots to be released", || {
+        tasks.stats().held_bytes() == 0
+    })
+    .await;
+}
+
+/// Reads one response head (the responses here have no body).
+async fn read_head(stream: &mut tokio::net::TcpStream) {
+    let mut seen = Vec::new();
+    let mut buffer = [0_u8; 1024];
+    while !seen.windows(4).any(|window| window == b"\r\n\r\n") {
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(20), stream.read(&mut buffer))
+                .await
+                .expect("a response")
+                .unwrap();
+        assert!(read > 0, "the server closed the connection");
+        seen.extend_from_slice(&buffer[..read]);
+    }
+}
