@@ -6,7 +6,8 @@
 //! ```
 //!
 //! To profile one variant: `loadtest serve VARIANT --exit-after SECONDS` prints its address and
-//! serves until then, e.g. under `valgrind --tool=callgrind`, while `wrk` loads it.
+//! serves until then, e.g. under `valgrind --tool=callgrind`, while `wrk` loads it. `WORKERS=2`
+//! serves on two worker threads instead of one.
 //!
 //! An HTTP load benchmark of `AfterLayer` against what users would otherwise write, on the same
 //! machine and in the same run. Each server variant runs in its own process with a single Tokio
@@ -169,9 +170,14 @@ fn exit_after(args: &[String]) -> Option<Duration> {
 }
 
 fn serve(variant: &str, exit_after: Option<Duration>) {
-    // The multi-thread scheduler, as under `#[tokio::main]`, with a single worker thread.
+    // The multi-thread scheduler, as under `#[tokio::main]`, with a single worker thread unless
+    // `WORKERS` says otherwise (`benches/futex.sh` runs two).
+    let workers = std::env::var("WORKERS")
+        .ok()
+        .and_then(|workers| workers.parse().ok())
+        .unwrap_or(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("a Tokio runtime");
