@@ -621,3 +621,39 @@ impl AfterStats {
 
 /// How long a shutdown whose grace ran out lets cancelled callbacks stop before it returns.
 pub(crate) const SETTLE: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::Shared;
+
+    /// `settled()` reads the written-off total twice (once inside `stats()`): a write-off
+    /// landing between the two reads makes `cancelled -= written_off` underflow (a panic in
+    /// debug builds, a report of ~2^64 cancelled callbacks in release ones). Two drains at the
+    /// same time, one reading its totals while the other writes off, hit it.
+    #[test]
+    fn settled_totals_never_underflow_while_a_write_off_lands() {
+        let barrier = Arc::new(Barrier::new(2));
+        for _ in 0..20_000 {
+            let shared = Arc::new(Shared::default());
+            let tickets: Vec<_> = (0..64)
+                .map(|_| shared.ticket(usize::MAX).unwrap())
+                .collect();
+            let writer = {
+                let (shared, barrier) = (shared.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    shared.write_off()
+                })
+            };
+            barrier.wait();
+            while !writer.is_finished() {
+                let _ = shared.settled();
+            }
+            let _ = shared.settled();
+            assert_eq!(writer.join().unwrap(), 64);
+            drop(tickets);
+        }
+    }
+}
