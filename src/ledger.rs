@@ -379,7 +379,9 @@ impl Shared {
     /// count in the report of the drain that wrote them off.
     pub(crate) fn settled(&self) -> AfterStats {
         let mut stats = self.stats();
-        stats.cancelled -= self.totals.written_off.load(Ordering::Relaxed);
+        // Not `stats.cancelled - written_off`: a write-off landing between two reads of it
+        // would underflow.
+        stats.cancelled = self.totals.cancelled.load(Ordering::Relaxed);
         stats
     }
 
