@@ -1491,6 +1491,75 @@ mod tests {
         drained(&tasks).await;
     }
 
+    /// Serves one request carrying 1 KiB of headers whose handler tries to register work that
+    /// waits forever; returns the refusal, if any, and the response, whose body never ends (a
+    /// stream still being sent).
+    async fn serve_streaming(
+        layer: &AfterLayer,
+    ) -> (
+        Result<(), crate::Overloaded>,
+        Response<crate::AfterBody<TestBody>>,
+    ) {
+        let refusal = Arc::new(Mutex::new(None));
+        let record = refusal.clone();
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let result = after.try_run_with(|_| std::future::pending());
+            *record.lock().unwrap() = Some(result);
+            async { Ok::<_, Infallible>(Response::new(TestBody::new(&["chunk"], Then::Pending))) }
+        }));
+        let request = Request::builder()
+            .uri("/stream")
+            .header("x-data", "d".repeat(1_000))
+            .body(())
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        let result = refusal.lock().unwrap().take().unwrap();
+        (result, response)
+    }
+
+    #[tokio::test]
+    async fn work_refused_by_max_pending_holds_no_snapshot_bytes() {
+        let layer = AfterLayer::new().max_pending(1);
+        let tasks = layer.tasks();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let header = [("x-data", "d".repeat(1_000))];
+        assert!(serve_with_headers(&layer, &header, gate.clone()).await);
+        let one = tasks.stats().held_bytes();
+        assert!(one > 1_000, "{one}");
+        // A second request, its response still streaming: its work is refused, it holds none.
+        let (refused, _streaming) = serve_streaming(&layer).await;
+        assert!(refused.is_err());
+        // `held_bytes`: "bytes of request snapshots that pending callbacks hold now".
+        assert_eq!(tasks.stats().held_bytes(), one, "a refused request holds bytes");
+        gate.add_permits(1);
+        drained(&tasks).await;
+        settle().await;
+        assert_eq!(
+            tasks.stats().held_bytes(),
+            0,
+            "nothing is pending, yet a refused request still holds its snapshot"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shut_down_layer_refuses_work_as_shut_down_even_when_its_bytes_are_full() {
+        // Room for one snapshot of 1 KiB of headers.
+        let layer = AfterLayer::new().max_held_bytes(1_500);
+        let tasks = layer.tasks();
+        let (taken, _streaming) = serve_streaming(&layer).await;
+        assert!(taken.is_ok());
+        let report = tasks.shutdown(Duration::from_millis(10)).await;
+        assert_eq!(report.cancelled(), 1);
+        let stats = tasks.stats();
+        // The first request still streams, and holds its snapshot: the bytes are full.
+        let (refused, _second) = serve_streaming(&layer).await;
+        let error = refused.unwrap_err();
+        assert!(error.is_shut_down(), "refused for another reason: {error}");
+        // "the stats stay as the report left them"
+        assert_eq!(tasks.stats(), stats);
+    }
+
     #[tokio::test]
     async fn a_request_without_work_holds_no_bytes_and_one_with_many_counts_once() {
         let layer = AfterLayer::new();
