@@ -1560,6 +1560,45 @@ mod tests {
         assert_eq!(tasks.stats(), stats);
     }
 
+    #[test]
+    fn work_from_a_spawned_task_runs_once_the_first_serving_runtime_is_gone() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        // A first runtime serves the layer (a warm-up, a previous test, a restarted server
+        // loop), then is dropped.
+        runtime().block_on(async {
+            serve(&layer, |after| after.run(async {})).await;
+            drained(&tasks).await;
+        });
+        // Another runtime serves it now. A task spawned on it (not the request's own task)
+        // registers work for one of its requests once its response is out: before the shared
+        // runtime handle, it ran on the current runtime; now it goes to the first one, gone.
+        let ran = Arc::new(AtomicBool::new(false));
+        runtime().block_on(async {
+            let (send, handle) = oneshot::channel::<After>();
+            serve(&layer, move |after| send.send(after).unwrap()).await;
+            let after = handle.await.unwrap();
+            let flag = ran.clone();
+            tokio::spawn(async move { after.run(async move { flag.store(true, Ordering::SeqCst) }) })
+                .await
+                .unwrap();
+            drained(&tasks).await;
+        });
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.completed(), stats.cancelled()),
+            (2, 0),
+            "the work went to the dead runtime"
+        );
+        assert!(ran.load(Ordering::SeqCst));
+    }
+
     #[tokio::test]
     async fn a_request_without_work_holds_no_bytes_and_one_with_many_counts_once() {
         let layer = AfterLayer::new();
