@@ -149,21 +149,33 @@ impl Inflight {
         let ticket = self.ticket(name.as_deref(), bound)?;
         let span = callback_span(&self.snapshot, name.as_deref());
         // A request's first callback rides in a driver of its own, spawned now: one task and no
-        // other allocation. Only from the request's own task (its handler, or its callbacks), so
-        // that the driver lives on the runtime that serves the request, not on a temporary or
+        // other allocation. Only from the request's own task (its handler, or its callbacks),
+        // so that the driver lives on the runtime that serves the request, not on a temporary or
         // timer-less one that some helper registered from. Named ones are queued, where a later
         // registration or `forget` can still reach them, and so is work registered elsewhere.
         // With an `on_response` hook, everything is queued: the hook, queued when the response
         // finishes, starts first.
         if name.is_none() && self.config.on_response.is_none() && self.is_current() {
-            if let Ok(runtime) = Handle::try_current() {
-                if self.scope.claim() {
-                    let first = Running::new(callback, span, None, ticket, self.context());
-                    let driver = Driver::new(self.clone(), Some(first), start);
-                    self.shared().serves_on(&runtime);
-                    runtime.spawn(CURRENT.scope(self.clone(), driver));
-                    return Ok(());
+            // Inside a Tokio task, its runtime is current and there is no handle to clone.
+            let in_task = tokio::task::try_id().is_some();
+            let runtime = match (in_task, self.shared().serving().is_known()) {
+                (true, true) => None,
+                _ => Handle::try_current().ok(),
+            };
+            if (in_task || runtime.is_some()) && self.scope.claim() {
+                let first = Running::new(callback, span, None, ticket, self.context());
+                let driver =
+                    CURRENT.scope(self.clone(), Driver::new(self.clone(), Some(first), start));
+                match runtime {
+                    Some(runtime) => {
+                        self.shared().serving().remember(&runtime);
+                        runtime.spawn(driver);
+                    }
+                    None => {
+                        tokio::spawn(driver);
+                    }
                 }
+                return Ok(());
             }
         }
         let job = Job::new(Box::pin(callback), span, name, ticket);
@@ -245,8 +257,15 @@ impl Inflight {
     fn ticket(&self, name: Option<&str>, bound: usize) -> Result<Ticket, Overloaded> {
         let max_pending = self.config.max_pending;
         let max_held_bytes = self.config.max_held_bytes;
-        self.hold_snapshot()
-            .and_then(|()| self.shared().ticket(bound))
+        self.shared()
+            .ticket(bound)
+            .and_then(|mut ticket| match self.hold_snapshot() {
+                Ok(()) => Ok(ticket),
+                Err(refused) => {
+                    ticket.close(Ended::Shed);
+                    Err(refused)
+                }
+            })
             .map_err(|refused| {
                 if let Some(count) = refused.warn {
                     let (method, path) = (self.snapshot.method(), self.snapshot.path());
@@ -301,15 +320,15 @@ impl Inflight {
     }
 
     /// Spawns a driver on the runtime that serves the request: the current one where the
-    /// response is served or the request's own task registers work; otherwise (a plain thread,
-    /// a helper's temporary runtime) the runtime that serves the layer.
+    /// response is served; otherwise (a plain thread, a task of its own, the blocking pool, a
+    /// helper's temporary runtime) the live runtime that serves the layer, or else the current
+    /// one.
     fn spawn(self: &Arc<Self>, serving: bool) {
         let current = Handle::try_current().ok();
-        let layer = self.shared().runtime();
-        let runtime = if serving || self.is_current() {
-            current.as_ref().or(layer)
+        let runtime = if serving {
+            current.or_else(|| self.shared().serving().handle())
         } else {
-            layer.or(current.as_ref())
+            self.shared().serving().handle().or(current)
         };
         let Some(runtime) = runtime else {
             let abandoned = self.scope.abandon();
@@ -326,8 +345,8 @@ impl Inflight {
             );
             return;
         };
-        if serving {
-            self.shared().serves_on(runtime);
+        if serving && !self.shared().serving().is_known() {
+            self.shared().serving().remember(&runtime);
         }
         let driver = Driver::<BoxCallback>::new(self.clone(), None, Start::Now);
         runtime.spawn(CURRENT.scope(self.clone(), driver));
@@ -1531,7 +1550,11 @@ mod tests {
         let (refused, _streaming) = serve_streaming(&layer).await;
         assert!(refused.is_err());
         // `held_bytes`: "bytes of request snapshots that pending callbacks hold now".
-        assert_eq!(tasks.stats().held_bytes(), one, "a refused request holds bytes");
+        assert_eq!(
+            tasks.stats().held_bytes(),
+            one,
+            "a refused request holds bytes"
+        );
         gate.add_permits(1);
         drained(&tasks).await;
         settle().await;
@@ -1585,9 +1608,11 @@ mod tests {
             serve(&layer, move |after| send.send(after).unwrap()).await;
             let after = handle.await.unwrap();
             let flag = ran.clone();
-            tokio::spawn(async move { after.run(async move { flag.store(true, Ordering::SeqCst) }) })
-                .await
-                .unwrap();
+            tokio::spawn(
+                async move { after.run(async move { flag.store(true, Ordering::SeqCst) }) },
+            )
+            .await
+            .unwrap();
             drained(&tasks).await;
         });
         let stats = tasks.stats();

@@ -41,9 +41,14 @@ tokio::task_local! {
     static CURRENT: Arc<dyn Host>;
 }
 
-/// The host of the request entering the layer now, if it has one.
+/// The host of the request entering the layer now, if it has one. Only a platform's feature
+/// sets one: without, this costs nothing.
 pub(crate) fn current() -> Option<Arc<dyn Host>> {
-    CURRENT.try_with(Arc::clone).ok()
+    if cfg!(feature = "lambda") {
+        CURRENT.try_with(Arc::clone).ok()
+    } else {
+        None
+    }
 }
 
 /// Calls `f` with `host` as the current host.

@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::runtime::Handle;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
 use crate::pending::{Full, Pending};
+use crate::serving::Serving;
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.
@@ -38,9 +38,8 @@ pub(crate) struct Shared {
     shutdown: StopSignal,
     /// One drain at a time, so that two shutdowns never report the same callback.
     pub(crate) drain: tokio::sync::Mutex<()>,
-    /// The runtime that served the layer's first request with work: where work registered from
-    /// a plain thread, or from a runtime that is not serving, is run.
-    runtime: OnceLock<Handle>,
+    /// The runtime that serves the layer: where work registered off it runs.
+    serving: Serving,
     /// Refused work, for one warning a second at most.
     refusals: Warnings,
     /// Truncated snapshots, likewise.
@@ -79,6 +78,7 @@ impl Totals {
             Ended::TimedOut => &self.timed_out,
             Ended::Cancelled => &self.cancelled,
             Ended::Forgotten => &self.forgotten,
+            Ended::Shed => &self.shed,
         }
     }
 }
@@ -96,6 +96,8 @@ pub(crate) enum Ended {
     Cancelled,
     /// It was replaced by a callback of the same name, or forgotten, before it started.
     Forgotten,
+    /// It was refused when registered.
+    Shed,
 }
 
 /// The gauges, for [`Shared::gauge`].
@@ -254,19 +256,12 @@ impl Shared {
     }
 
     /// Counts `bytes` of a snapshot that pending work now holds, unless the layer would hold
-    /// more than `max` (then it is counted as shed).
+    /// more than `max` (the caller then sheds its work).
     pub(crate) fn hold_bytes(&self, bytes: usize, max: usize) -> Result<(), Refused> {
         let mut held = self.held_bytes.load(Ordering::Relaxed);
         loop {
             let total = held.saturating_add(bytes);
             if total > max {
-                self.totals.scheduled.fetch_add(1, Ordering::Relaxed);
-                self.totals.shed.fetch_add(1, Ordering::Relaxed);
-                #[cfg(feature = "metrics")]
-                {
-                    metrics::counter!(names::SCHEDULED).increment(1);
-                    metrics::counter!(names::SHED).increment(1);
-                }
                 let warn = self.refusals.event();
                 return Err(Refused {
                     why: Refusal::HeldBytes,
@@ -334,17 +329,9 @@ impl Shared {
         &self.shutdown
     }
 
-    /// The runtime to run work registered outside the runtime that serves the request, once
-    /// one is known.
-    pub(crate) fn runtime(&self) -> Option<&Handle> {
-        self.runtime.get()
-    }
-
-    /// Remembers `runtime` as the serving runtime, if none is yet.
-    pub(crate) fn serves_on(&self, runtime: &Handle) {
-        if self.runtime.get().is_none() {
-            let _ = self.runtime.set(runtime.clone());
-        }
+    /// The runtime that serves the layer.
+    pub(crate) fn serving(&self) -> &Serving {
+        &self.serving
     }
 
     pub(crate) fn pending(&self) -> usize {
@@ -490,6 +477,7 @@ pub(crate) mod names {
             Ended::TimedOut => "tower_after_callbacks_timed_out_total",
             Ended::Cancelled => "tower_after_callbacks_cancelled_total",
             Ended::Forgotten => "tower_after_callbacks_forgotten_total",
+            Ended::Shed => SHED,
         }
     }
 }

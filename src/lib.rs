@@ -349,6 +349,7 @@ mod ledger;
 mod pending;
 mod scope;
 mod service;
+mod serving;
 mod snapshot;
 mod tasks;
 #[cfg(test)]
