@@ -156,26 +156,16 @@ impl Inflight {
         // With an `on_response` hook, everything is queued: the hook, queued when the response
         // finishes, starts first.
         if name.is_none() && self.config.on_response.is_none() && self.is_current() {
-            // Inside a Tokio task, its runtime is current and there is no handle to clone.
-            let in_task = tokio::task::try_id().is_some();
-            let runtime = match (in_task, self.shared().serving().is_known()) {
-                (true, true) => None,
-                _ => Handle::try_current().ok(),
-            };
-            if (in_task || runtime.is_some()) && self.scope.claim() {
-                let first = Running::new(callback, span, None, ticket, self.context());
-                let driver =
-                    CURRENT.scope(self.clone(), Driver::new(self.clone(), Some(first), start));
-                match runtime {
-                    Some(runtime) => {
+            if let Ok(runtime) = Handle::try_current() {
+                if self.scope.claim() {
+                    let first = Running::new(callback, span, None, ticket, self.context());
+                    let driver = Driver::new(self.clone(), Some(first), start);
+                    if !self.shared().serving().is_known() {
                         self.shared().serving().remember(&runtime);
-                        runtime.spawn(driver);
                     }
-                    None => {
-                        tokio::spawn(driver);
-                    }
+                    runtime.spawn(CURRENT.scope(self.clone(), driver));
+                    return Ok(());
                 }
-                return Ok(());
             }
         }
         let job = Job::new(Box::pin(callback), span, name, ticket);
