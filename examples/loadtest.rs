@@ -6,8 +6,8 @@
 //! ```
 //!
 //! To profile one variant: `loadtest serve VARIANT --exit-after SECONDS` prints its address and
-//! serves until then, e.g. under `valgrind --tool=callgrind`, while `wrk` loads it. `WORKERS=2`
-//! serves on two worker threads instead of one.
+//! serves until then, e.g. under `valgrind --tool=callgrind`, while `wrk` loads it. With
+//! `WORKERS=2`, every server runs two worker threads on both CPUs instead of one on CPU 0.
 //!
 //! An HTTP load benchmark of `AfterLayer` against what users would otherwise write, on the same
 //! machine and in the same run. Each server variant runs in its own process with a single Tokio
@@ -474,8 +474,15 @@ struct Server {
 impl Server {
     fn start(variant: &str) -> Self {
         let exe = std::env::current_exe().expect("the path of this program");
+        // One worker pinned to CPU 0, or with `WORKERS=2`, two workers on both CPUs (which
+        // `wrk` then shares): the contention one pinned core hides.
+        let cpus = if std::env::var("WORKERS").is_ok_and(|workers| workers != "1") {
+            "0,1"
+        } else {
+            "0"
+        };
         let mut child = Command::new("taskset")
-            .args(["-c", "0"])
+            .args(["-c", cpus])
             .arg(exe)
             .args(["serve", variant])
             .stdout(Stdio::piped())
@@ -596,11 +603,18 @@ fn orchestrate(args: &[String]) {
                 .is_none_or(|only| only.iter().any(|o| o == name))
         })
         .collect();
+    let workers = std::env::var("WORKERS").unwrap_or_else(|_| "1".to_owned());
+    let placement = if workers == "1" {
+        "server on CPU 0 (1 worker thread)"
+    } else {
+        "server on CPUs 0-1 (WORKERS worker threads)"
+    };
     println!(
-        "{} variants x {} rounds x {} s; server on CPU 0 (1 worker thread), wrk on CPU 1",
+        "{} variants x {} rounds x {} s; {}, wrk on CPU 1",
         variants.len(),
         options.rounds,
-        options.seconds
+        options.seconds,
+        placement.replace("WORKERS", &workers)
     );
 
     let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();

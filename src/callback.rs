@@ -191,18 +191,14 @@ pin_project! {
         name: Option<Cow<'static, str>>,
         ticket: Ticket,
         ctx: AfterContext,
-        // `Some` while it waits for a place under the limit.
-        acquire: Option<BoxAcquire>,
-        // Its place under the limit, held until it ends.
-        permit: Option<OwnedSemaphorePermit>,
-        // Counted in a gauge: set once its driver started it.
-        started: bool,
+        // Where it stands under the limit, and so in which gauge it counts.
+        place: Place,
     }
 
     impl<C> PinnedDrop for Running<C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            leave_gauge(this.started, this.acquire, this.ticket);
+            leave(this.place, this.ticket);
             // Dropped before its end (the runtime is shutting down): counted as cancelled.
             end(this.callback, this.ticket, this.ctx, this.name, Ended::Cancelled);
         }
@@ -239,20 +235,21 @@ impl<C: Callback> Running<C> {
             name,
             ticket,
             ctx,
-            acquire: None,
-            permit: None,
-            started: false,
+            place: Place::NotStarted,
         }
     }
 
     /// Lets it run from now on: it waits for a place under `limit`, if any, then runs.
     pub(crate) fn start(self: Pin<&mut Self>, limit: Option<&Arc<Semaphore>>) {
         let this = self.project();
-        if !*this.started {
-            *this.started = true;
-            *this.acquire =
-                limit.map(|limit| -> BoxAcquire { Box::pin(limit.clone().acquire_owned()) });
-            this.ticket.shared().gauge(gauge(this.acquire), true);
+        if let Place::NotStarted = this.place {
+            *this.place = match limit {
+                Some(limit) => Place::Waiting(Box::pin(limit.clone().acquire_owned())),
+                None => Place::Running { _permit: None },
+            };
+            if let Some(gauge) = this.place.gauge() {
+                this.ticket.shared().gauge(gauge, true);
+            }
         }
     }
 
@@ -268,24 +265,41 @@ impl<C: Callback> Running<C> {
             name = this.name.as_deref(),
             "after callback cancelled: {why}"
         );
-        leave_gauge(this.started, this.acquire, this.ticket);
+        leave(this.place, this.ticket);
         end(this.callback, this.ticket, this.ctx, this.name, why.ended());
     }
 }
 
-/// Takes a started callback out of its gauge: before its ticket closes, so that whoever sees
-/// nothing pending sees the gauges at zero too.
-fn leave_gauge(started: &mut bool, acquire: &Option<BoxAcquire>, ticket: &Ticket) {
-    if std::mem::take(started) {
-        ticket.shared().gauge(gauge(acquire), false);
+/// Where a callback stands under the concurrency limit.
+enum Place {
+    /// Its driver has not started it yet: counted in no gauge.
+    NotStarted,
+    /// Waiting for a place: counted as queued.
+    Waiting(BoxAcquire),
+    /// Running, in its place if there is a limit (given back when dropped): counted as
+    /// running.
+    Running {
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+    /// Ended: out of the gauges, its place given back.
+    Left,
+}
+
+impl Place {
+    fn gauge(&self) -> Option<Gauge> {
+        match self {
+            Self::Waiting(_) => Some(Gauge::Queued),
+            Self::Running { .. } => Some(Gauge::Running),
+            Self::NotStarted | Self::Left => None,
+        }
     }
 }
 
-fn gauge(acquire: &Option<BoxAcquire>) -> Gauge {
-    if acquire.is_some() {
-        Gauge::Queued
-    } else {
-        Gauge::Running
+/// Takes a callback out of its gauge and gives its place back: before its ticket closes, so that
+/// whoever sees nothing pending sees the gauges at zero too.
+fn leave(place: &mut Place, ticket: &Ticket) {
+    if let Some(gauge) = std::mem::replace(place, Place::Left).gauge() {
+        ticket.shared().gauge(gauge, false);
     }
 }
 
@@ -308,13 +322,14 @@ impl<C: Callback> Future for Running<C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        if let Some(acquire) = this.acquire {
+        if let Place::Waiting(acquire) = this.place {
             let Poll::Ready(permit) = acquire.as_mut().poll(cx) else {
                 return Poll::Pending;
             };
             // The semaphore is never closed, so this is always a permit.
-            *this.permit = permit.ok();
-            *this.acquire = None;
+            *this.place = Place::Running {
+                _permit: permit.ok(),
+            };
             let shared = this.ticket.shared();
             shared.gauge(Gauge::Queued, false);
             shared.gauge(Gauge::Running, true);
@@ -334,7 +349,7 @@ impl<C: Callback> Future for Running<C> {
             }
         };
         drop(entered);
-        leave_gauge(this.started, this.acquire, this.ticket);
+        leave(this.place, this.ticket);
         end(this.callback, this.ticket, this.ctx, this.name, how);
         Poll::Ready(())
     }

@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::panic::resume_unwind;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,7 +34,6 @@ use std::time::Duration;
 use http::StatusCode;
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Semaphore;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::task::JoinHandle;
@@ -43,7 +42,7 @@ use tracing::Span;
 
 use crate::callback::{BoxCallback, Callback, Callbacks, Job, Running, Stop, WithContext};
 use crate::context::Finished;
-use crate::host::{self, Host};
+use crate::host::{self, HostRef};
 use crate::ledger::{Ended, Refusal, Refused, Shared, Ticket};
 use crate::scope::{Next, Scope, Start};
 use crate::tasks::Overloaded;
@@ -83,24 +82,48 @@ pub(crate) struct Inflight {
     entered: Instant,
     /// The callbacks' max duration in nanoseconds, counted from the end of the response;
     /// `u64::MAX` for none. Set by `MaxDuration` while the request is handled.
-    budget: AtomicU64,
-    end: OnceLock<End>,
+    terms: Terms,
+    /// How and when the response finished.
+    end: OnceLock<Outcome>,
     config: Arc<Config>,
     scope: Scope<Job>,
-    /// Whether its snapshot's bytes are counted in the layer's total: from its first work on.
-    held: AtomicBool,
     /// The platform that served the request, if it freezes the process between invocations
     /// (`lambda::DrainLayer`): it holds the request's work back until its response is
     /// delivered, waits for its drivers, and stops them at its deadline.
-    host: Option<Arc<dyn Host>>,
+    host: Option<HostRef>,
 }
 
-/// How and when the response finished.
-struct End {
-    outcome: Outcome,
-    budget: Duration,
+/// The callbacks' budget in nanoseconds, and in its top bit whether the request's snapshot is
+/// counted in the layer's held bytes: two small facts every request carries, in one word.
+struct Terms(AtomicU64);
+
+/// The top bit: the snapshot is counted.
+const HELD: u64 = 1 << 63;
+/// The budget's bits at their highest: no budget (a budget of 292 years or more is none).
+const UNBOUNDED: u64 = HELD - 1;
+
+impl Terms {
+    fn set_budget(&self, budget: Duration) {
+        let nanos = u64::try_from(budget.as_nanos()).map_or(UNBOUNDED, |n| n.min(UNBOUNDED));
+        let _ = (self.0).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |terms| {
+            Some(terms & HELD | nanos)
+        });
+    }
+
     /// `None`: no budget.
-    deadline: Option<Instant>,
+    fn budget(&self) -> Option<Duration> {
+        let nanos = self.0.load(Ordering::Relaxed) & UNBOUNDED;
+        (nanos != UNBOUNDED).then(|| Duration::from_nanos(nanos))
+    }
+
+    fn is_held(&self) -> bool {
+        self.0.load(Ordering::Relaxed) & HELD != 0
+    }
+
+    /// Marks the snapshot counted: `false` if it already was.
+    fn hold(&self) -> bool {
+        self.0.fetch_or(HELD, Ordering::AcqRel) & HELD == 0
+    }
 }
 
 impl Inflight {
@@ -109,11 +132,10 @@ impl Inflight {
         let inflight = Arc::new(Self {
             snapshot,
             entered: Instant::now(),
-            budget: AtomicU64::new(0),
+            terms: Terms(AtomicU64::new(0)),
             end: OnceLock::new(),
             config: config.clone(),
             scope: Scope::new(),
-            held: AtomicBool::new(false),
             host: host::current(),
         });
         inflight.set_budget(config.max_duration);
@@ -124,9 +146,20 @@ impl Inflight {
         &self.config.shared
     }
 
+    /// The callbacks' budget (`Duration::MAX` for none): fixed once the response finished.
+    fn budget(&self) -> Duration {
+        self.terms.budget().unwrap_or(Duration::MAX)
+    }
+
+    /// When the callbacks' budget runs out, once the response finished; `None` before, or
+    /// without a budget.
+    fn deadline(&self) -> Option<Instant> {
+        let finished = self.end.get()?.finished_at;
+        Instant::from_std(finished).checked_add(self.terms.budget()?)
+    }
+
     pub(crate) fn set_budget(&self, budget: Duration) {
-        let nanos = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
-        self.budget.store(nanos, Ordering::Relaxed);
+        self.terms.set_budget(budget);
     }
 
     /// Registers `callback`, or refuses it when the layer holds its maximum of pending
@@ -195,8 +228,6 @@ impl Inflight {
         body_bytes: u64,
     ) {
         let now = Instant::now();
-        let nanos = self.budget.load(Ordering::Relaxed);
-        let budget = Duration::from_nanos(nanos);
         let outcome = Outcome {
             status,
             completion,
@@ -204,19 +235,7 @@ impl Inflight {
             elapsed: now.saturating_duration_since(self.entered),
             finished_at: now.into_std(),
         };
-        let deadline = if nanos == u64::MAX {
-            None
-        } else {
-            now.checked_add(budget)
-        };
-        let first = self
-            .end
-            .set(End {
-                outcome,
-                budget,
-                deadline,
-            })
-            .is_ok();
+        let first = self.end.set(outcome).is_ok();
         debug_assert!(first, "a request finishes once");
         // The hook counts from now, not from the request's start: responses still being sent
         // (streams, long polls) hold no place under `max_pending`.
@@ -286,13 +305,13 @@ impl Inflight {
     /// Counts the snapshot's bytes in the layer's total, once, when the request's first work
     /// comes: a request without work holds its snapshot only while it is served.
     fn hold_snapshot(&self) -> Result<(), Refused> {
-        if self.held.load(Ordering::Relaxed) {
+        if self.terms.is_held() {
             return Ok(());
         }
         let bytes = self.snapshot.held_bytes();
         self.shared()
             .hold_bytes(bytes, self.config.max_held_bytes)?;
-        if self.held.swap(true, Ordering::AcqRel) {
+        if !self.terms.hold() {
             // Another thread counted it meanwhile.
             self.shared().release_bytes(bytes);
         }
@@ -369,15 +388,14 @@ impl Inflight {
         if let Some(why) = self.cancelled() {
             return Some(why);
         }
-        let end = self.end.get()?;
-        let deadline = end.deadline?;
-        (Instant::now() >= deadline).then_some(Stop::Budget(end.budget))
+        let deadline = self.deadline()?;
+        (Instant::now() >= deadline).then_some(Stop::Budget(self.budget()))
     }
 }
 
 impl Drop for Inflight {
     fn drop(&mut self) {
-        if *self.held.get_mut() {
+        if self.terms.is_held() {
             self.config.shared.release_bytes(self.snapshot.held_bytes());
         }
     }
@@ -389,11 +407,9 @@ impl Finished for Inflight {
     }
 
     fn outcome(&self) -> &Outcome {
-        &self
-            .end
+        self.end
             .get()
             .expect("an AfterContext reads its outcome only once the response finished")
-            .outcome
     }
 }
 
@@ -463,6 +479,12 @@ pin_project! {
                     "after callbacks dropped: they need Tokio's time driver \
                      (call `enable_time` or `enable_all` on the runtime builder)"
                 );
+            } else if this.inflight.shared().shutdown().is_fired() {
+                // Written off by a shutdown, which said so for all of them.
+                tracing::debug!(
+                    %method, path, cancelled = count,
+                    "after callbacks dropped with their runtime, after the shutdown wrote them off"
+                );
             } else if count > 0 {
                 tracing::warn!(
                     %method, path, cancelled = count,
@@ -476,11 +498,13 @@ pin_project! {
 // Every request with work spawns a driver, and a waiting one holds it for as long as its
 // callbacks run: its size is part of what each pending callback costs, and Tokio allocates task
 // cells in steps of 128 bytes, so a change that grows it must be a conscious one. Carrying a
-// one-byte callback, it takes 192 bytes; spawned for queued work only, 208.
+// one-byte callback, it takes 176 bytes; spawned for queued work only, 184.
 const _: () = {
     type Carrying = Driver<crate::callback::Plain<std::future::Ready<()>>>;
-    assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Carrying>>() <= 192);
-    assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver<BoxCallback>>>() <= 208);
+    assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Carrying>>() <= 176);
+    assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver<BoxCallback>>>() <= 184);
+    // The request's state, shared by its handle, its body and its drivers.
+    assert!(std::mem::size_of::<Inflight>() <= 240);
 };
 
 impl<C> Driver<C> {
@@ -562,18 +586,26 @@ impl<C: Callback> Future for Driver<C> {
 }
 
 pin_project! {
-    /// What a waiting driver waits for, besides its callbacks: the request's budget, a shutdown
-    /// of its layer, and its host's wish to stop.
+    /// What a waiting driver waits for, besides its callbacks: the request's budget, and its
+    /// host's wish to stop. Boxed and armed on first wait, so that a driver whose callbacks end
+    /// at once is spawned smaller and arms nothing.
+    ///
+    /// Not a shutdown of its own layer, unless a host waits for it: a shutdown whose grace ran
+    /// out has already written its work off, and wakes nobody. A driver learns of it from the
+    /// flag it reads whenever it is woken (by its callbacks or its budget), before it polls
+    /// anything, and drops its work then, unpolled; at the latest, the runtime drops it as the
+    /// process ends. Waking every waiting driver would take a waiter per driver, on memory every
+    /// request shares.
     struct Waits {
         #[pin]
-        shutdown: OwnedNotified,
-        host: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-        #[pin]
         budget: Option<Sleep>,
+        // Boxed twice, to keep this box small for the drivers without a host.
+        host: Option<Box<Pin<Box<dyn Future<Output = ()> + Send>>>>,
     }
 }
 
-/// Polls the budget's timer and the stop signals, arming them on first use.
+/// Polls the budget's timer and the host's stop, arming them on first use; why to stop, if the
+/// driver must.
 fn wait(
     inflight: &Inflight,
     waits: &mut Option<Pin<Box<Waits>>>,
@@ -581,27 +613,31 @@ fn wait(
     cx: &mut Context<'_>,
 ) -> Option<Stop> {
     if waits.is_none() {
-        let mut armed = Box::pin(Waits {
-            shutdown: inflight.shared().shutdown().fired(),
-            host: inflight.host.as_ref().map(|host| host.stopping()),
-            budget: None,
+        // A host waits for its drivers (a Lambda invocation, before it takes the next event):
+        // they stop at once when their own layer's grace runs out too.
+        let host = inflight.host.as_ref().map(|host| {
+            let (stopping, shutdown) = (host.stopping(), inflight.shared().shutdown().fired());
+            let either: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                futures_util::future::select(stopping, std::pin::pin!(shutdown)).await;
+            });
+            Box::new(either)
         });
-        // Registered once: a task's waker stays the same, and the flags below, read after
-        // every wake-up, give the answer.
-        let _ = armed.as_mut().project().shutdown.poll(cx);
-        *waits = Some(armed);
+        if host.is_none() && inflight.deadline().is_none() {
+            // Nothing to arm: early work before the end, or no budget.
+            return inflight.cancelled();
+        }
+        *waits = Some(Box::pin(Waits { budget: None, host }));
     }
     let mut waits = waits.as_mut()?.as_mut().project();
     if let Some(host) = waits.host.as_mut() {
-        let _ = host.as_mut().poll(cx);
+        let _ = host.as_mut().as_mut().poll(cx);
     }
-    // The waiters were made before this check: a stop signal that fires after it wakes us.
+    // The host's waiter was made before this check: a stop that comes after it wakes us.
     if let Some(why) = inflight.cancelled() {
         return Some(why);
     }
     // The deadline is known once the response finished; until then only early work runs.
-    let end = inflight.end.get()?;
-    let deadline = end.deadline?;
+    let deadline = inflight.deadline()?;
     if waits.budget.is_none() {
         *arming = true;
         waits.budget.set(Some(tokio::time::sleep_until(deadline)));
@@ -611,7 +647,7 @@ fn wait(
     sleep
         .poll(cx)
         .is_ready()
-        .then_some(Stop::Budget(end.budget))
+        .then(|| Stop::Budget(inflight.budget()))
 }
 
 /// Stops every callback of the request that has not ended.

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
 
 use crate::callback::Stop;
-use crate::host::{self, Host};
+use crate::host::{self, Host, HostRef};
 use crate::ledger::{Shared, StopSignal};
 
 type Deferred = Box<dyn FnOnce() + Send>;
@@ -103,12 +103,16 @@ impl Hold {
 
     /// Calls `f` with the invocation as the current host.
     pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        host::sync_scope(self.0.clone(), f)
+        host::sync_scope(self.host(), f)
     }
 
     /// `future`, polled with the invocation as the current host.
-    pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<Arc<dyn Host>, F> {
-        host::scope(self.0.clone(), future)
+    pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<HostRef, F> {
+        host::scope(self.host(), future)
+    }
+
+    fn host(&self) -> HostRef {
+        Arc::new(Box::new(self.0.clone()))
     }
 
     /// Starts the work held back: the invocation's response is posted.

@@ -36,14 +36,39 @@ pub(crate) trait Host: Send + Sync {
     fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
+/// A shared host, behind a thin pointer: every request that has one holds it.
+pub(crate) type HostRef = Arc<Box<dyn Host>>;
+
+impl<H: Host> Host for Arc<H> {
+    fn after_response(&self, start: Box<dyn FnOnce() + Send>) {
+        (**self).after_response(start);
+    }
+
+    fn enter(&self) {
+        (**self).enter();
+    }
+
+    fn leave(&self) {
+        (**self).leave();
+    }
+
+    fn stop(&self) -> Option<Stop> {
+        (**self).stop()
+    }
+
+    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        (**self).stopping()
+    }
+}
+
 tokio::task_local! {
     /// The host serving the current task, if any.
-    static CURRENT: Arc<dyn Host>;
+    static CURRENT: HostRef;
 }
 
 /// The host of the request entering the layer now, if it has one. Only a platform's feature
 /// sets one: without, this costs nothing.
-pub(crate) fn current() -> Option<Arc<dyn Host>> {
+pub(crate) fn current() -> Option<HostRef> {
     if cfg!(feature = "lambda") {
         CURRENT.try_with(Arc::clone).ok()
     } else {
@@ -53,15 +78,12 @@ pub(crate) fn current() -> Option<Arc<dyn Host>> {
 
 /// Calls `f` with `host` as the current host.
 #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-pub(crate) fn sync_scope<R>(host: Arc<dyn Host>, f: impl FnOnce() -> R) -> R {
+pub(crate) fn sync_scope<R>(host: HostRef, f: impl FnOnce() -> R) -> R {
     CURRENT.sync_scope(host, f)
 }
 
 /// `future`, polled with `host` as the current host.
 #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-pub(crate) fn scope<F: Future>(
-    host: Arc<dyn Host>,
-    future: F,
-) -> TaskLocalFuture<Arc<dyn Host>, F> {
+pub(crate) fn scope<F: Future>(host: HostRef, future: F) -> TaskLocalFuture<HostRef, F> {
     CURRENT.scope(host, future)
 }

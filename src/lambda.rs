@@ -50,7 +50,7 @@ use tower_service::Service;
 
 use crate::deadline::{self, until};
 use crate::hold::{Hold, Invocation};
-use crate::host::Host;
+use crate::host::HostRef;
 use crate::ledger::Shared;
 use crate::AfterTasks;
 
@@ -66,9 +66,9 @@ use crate::AfterTasks;
 /// 3. waits until they ended, each request's within its budget ([`MaxDuration`](crate::MaxDuration)
 ///    or [`AfterLayer::max_duration`](crate::AfterLayer::max_duration)), and in any case until
 ///    [`DrainLayer::DEADLINE_MARGIN`] before the invocation's deadline (the function's timeout).
-///    What still runs then is cancelled, with a `WARN` for each callback and one for the
-///    invocation. A request's budget counts from the end of its response body, which
-///    `lambda_http` reads before it posts the response: the post's time counts against it;
+///    What still runs then is cancelled, with one `WARN` for the invocation. A request's budget
+///    counts from the end of its response body, which `lambda_http` reads before it posts the
+///    response: the post's time counts against it;
 /// 4. returns, and the runtime asks for the next event.
 ///
 /// The cap holds even when a callback blocks the only worker thread (it is kept outside Tokio's
@@ -231,7 +231,7 @@ pin_project! {
         F: Future,
     {
         #[pin]
-        inner: TaskLocalFuture<Arc<dyn Host>, F>,
+        inner: TaskLocalFuture<HostRef, F>,
         // `Some` until the response is posted.
         hold: Option<Hold>,
         cap: Option<Instant>,

@@ -64,8 +64,6 @@ struct Totals {
     /// Written off by a shutdown: cancelled, but in the report of the drain that wrote them off
     /// only.
     written_off: AtomicU64,
-    /// Written-off callbacks that have since ended (they were stuck, or stopped at last).
-    written_off_ended: AtomicU64,
     running: AtomicU64,
     queued: AtomicU64,
 }
@@ -230,19 +228,12 @@ impl Shared {
         let left = self.pending.end(|| {
             self.totals.of(how).fetch_add(1, Ordering::Relaxed);
         });
-        match left {
-            // Written off: the shutdown counted it as cancelled already.
-            None => {
-                self.totals
-                    .written_off_ended
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Some(left) => {
-                #[cfg(feature = "metrics")]
-                metrics::counter!(names::ended(how)).increment(1);
-                if left == 0 {
-                    self.wake_idle();
-                }
+        // `None`: written off, the shutdown counted it as cancelled already.
+        if let Some(left) = left {
+            #[cfg(feature = "metrics")]
+            metrics::counter!(names::ended(how)).increment(1);
+            if left == 0 {
+                self.wake_idle();
             }
         }
     }
@@ -338,12 +329,6 @@ impl Shared {
         usize::try_from(self.pending.get()).unwrap_or(usize::MAX)
     }
 
-    /// Written-off callbacks that have not ended yet.
-    pub(crate) fn stuck(&self) -> u64 {
-        let ended = self.totals.written_off_ended.load(Ordering::Relaxed);
-        (self.totals.written_off.load(Ordering::Relaxed)).saturating_sub(ended)
-    }
-
     pub(crate) fn stats(&self) -> AfterStats {
         let totals = &self.totals;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -418,23 +403,13 @@ impl Shared {
     }
 }
 
-/// Tells work to stop at once: a flag that drivers read before each start of work, and waiters
-/// for those that wait. The waiters are spread over a few `Notify`s, as Tokio's `watch` spreads
-/// its own, so that drivers on different threads do not queue on one lock to start waiting.
+/// Tells work to stop at once: a flag that drivers read whenever they are woken, before they
+/// poll anything, and a `Notify` for the few that wait for it (the drivers a Lambda invocation
+/// waits for).
 #[derive(Default)]
 pub(crate) struct StopSignal {
     fired: AtomicBool,
-    shards: [Arc<Notify>; SHARDS],
-}
-
-const SHARDS: usize = 8;
-
-thread_local! {
-    /// The shard this thread's waiters use: threads take them in turn.
-    static SHARD: usize = {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
-    };
+    waiters: Arc<Notify>,
 }
 
 impl StopSignal {
@@ -442,9 +417,7 @@ impl StopSignal {
     pub(crate) fn fire(&self) {
         // Set before the waiters are woken, so that a woken driver finds it set.
         self.fired.store(true, Ordering::SeqCst);
-        for shard in &self.shards {
-            shard.notify_waiters();
-        }
+        self.waiters.notify_waiters();
     }
 
     /// Whether [`StopSignal::fire`] was called.
@@ -455,8 +428,7 @@ impl StopSignal {
     /// Resolves once the signal fired after its creation. Check [`StopSignal::is_fired`] after
     /// creating it, not before: it hears every firing from its creation on.
     pub(crate) fn fired(&self) -> OwnedNotified {
-        let shard = SHARD.with(|shard| *shard);
-        self.shards[shard].clone().notified_owned()
+        self.waiters.clone().notified_owned()
     }
 }
 
@@ -609,7 +581,7 @@ impl AfterStats {
     }
 }
 
-/// How long a shutdown whose grace ran out lets cancelled callbacks stop before it returns.
+/// How long a shutdown whose grace ran out waits for callbacks counting their own ending.
 pub(crate) const SETTLE: Duration = Duration::from_millis(50);
 
 #[cfg(test)]

@@ -179,7 +179,8 @@
 //! # Guarantees, and what they do not cover
 //!
 //! Every callback registered runs exactly once, or is cancelled by a budget or a shutdown grace
-//! period you chose, which the log then reports (`WARN`, naming the request and the callback).
+//! period you chose, which the log then reports (one `WARN` for the request, or for the
+//! shutdown, with a count; each callback's own line at `DEBUG`, in its span).
 //! [`AfterTasks::shutdown`] keeps its grace period even when a callback blocks inside its poll:
 //! what has not finished by then is reported as cancelled, and the shutdown returns.
 //! Callbacks live in the server's memory: a crash, `kill -9` or a power cut loses those that had
@@ -208,10 +209,12 @@
 //! sees it, and under `panic = "abort"` the process aborts), and the request's callbacks are
 //! cancelled with an error in the log. Callbacks run on the runtime that serves the request: a
 //! request's first callback, registered from its own task, is spawned there at once as its own
-//! task and waits for the response; others get a task where the response finishes. If that
-//! runtime shuts down first, they are cancelled with a warning; a response finished on a thread
-//! without a runtime has its waiting callbacks dropped, with an error in the log, rather than a
-//! panic.
+//! task and waits for the response; others get a task where the response finishes. Work
+//! registered later from elsewhere (a plain thread, the blocking pool, a helper's temporary
+//! runtime) runs on the runtime that serves the layer, not on the registering one, which might
+//! end before the work does. If the serving runtime shuts down first, its callbacks are
+//! cancelled with a warning; a response finished on a thread without any runtime has its
+//! waiting callbacks dropped, with an error in the log, rather than a panic.
 //!
 //! # Tracing
 //!
@@ -223,9 +226,12 @@
 //! `name` for [`After::run_named`], so its lines can be traced back to the request. It is an
 //! `INFO` span, created only if a subscriber is interested in it.
 //!
-//! The crate logs under the target `tower_after`: a `WARN` for each callback cancelled by its
-//! budget or a shutdown, an `ERROR` for each that panicked, both inside the callback's span and
-//! naming the request; it logs nothing at `INFO`. A filter such as `RUST_LOG=myapp=info` hides
+//! The crate logs under the target `tower_after`, one line per event, not per callback: a `WARN`
+//! for each request whose budget cancelled callbacks and for each shutdown or Lambda invocation
+//! that did (with counts), and, at most once a second with a count, for refused work and
+//! truncated snapshots; an `ERROR` for each callback that panicked, inside its span and naming
+//! the request. Each cancelled callback's own line is at `DEBUG`, inside its span. It logs
+//! nothing at `INFO`. A filter such as `RUST_LOG=myapp=info` hides
 //! both those lines and the `after` spans: add `tower_after=info`, which keeps the spans (so your
 //! callbacks' own lines say which request they belong to) and adds no lines of its own.
 //!
@@ -272,8 +278,8 @@
 //!   invocation runs during the next.
 //! - The wait is bounded by each request's budget ([`MaxDuration`], [`AfterLayer::max_duration`])
 //!   and in any case by the invocation's deadline (the function's timeout, which Lambda sends
-//!   with each event), less a margin of 100 ms: what still runs then is cancelled, with a `WARN`
-//!   for each callback and one for the invocation, and counted as timed out. An invocation that
+//!   with each event), less a margin of 100 ms: what still runs then is cancelled, with one
+//!   `WARN` for the invocation, and counted as timed out. An invocation that
 //!   outlived its timeout would make Lambda reset the execution environment.
 //! - An invocation whose request registered nothing goes on as soon as its response is posted:
 //!   no wait, no timer.

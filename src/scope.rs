@@ -30,12 +30,11 @@ pub(crate) struct Scope<J> {
 
 struct State<J> {
     finished: bool,
-    /// Before the response finished: the work waiting for it. After: work the driver has not
-    /// taken yet. A request's first callback usually rides in its driver instead
-    /// ([`Scope::claim`]), so this is mostly empty, and costs no allocation then.
-    queue: Vec<J>,
-    /// Work registered to start at once (`wait_until`) before the response finished.
-    early: Vec<J>,
+    /// Work the driver has not taken yet, in registration order, with when it may start: before
+    /// the response finished, only work meant to start at once (`wait_until`) is taken. A
+    /// request's first callback usually rides in its driver instead ([`Scope::claim`]), so this
+    /// is mostly empty, and costs no allocation then.
+    queue: Vec<(J, Start)>,
     driver: Driver,
 }
 
@@ -74,7 +73,6 @@ impl<J: Named> Scope<J> {
             state: Mutex::new(State {
                 finished: false,
                 queue: Vec::new(),
-                early: Vec::new(),
                 driver: Driver::Absent,
             }),
         }
@@ -97,9 +95,7 @@ impl<J: Named> Scope<J> {
     /// carrying a job behind queued ones would start it out of registration order.
     pub(crate) fn claim(&self) -> bool {
         let mut state = self.state();
-        let claimed = matches!(state.driver, Driver::Absent)
-            && state.queue.is_empty()
-            && state.early.is_empty();
+        let claimed = matches!(state.driver, Driver::Absent) && state.queue.is_empty();
         if claimed {
             state.driver = Driver::Present(None);
         }
@@ -110,13 +106,9 @@ impl<J: Named> Scope<J> {
     pub(crate) fn register(&self, job: J, start: Start) -> (Next, Option<J>) {
         let mut state = self.state();
         let replaced = job.name().and_then(|name| state.take_named(name));
-        if start == Start::Now && !state.finished {
-            state.early.push(job);
-        } else {
-            state.queue.push(job);
-            if !state.finished {
-                return (Next::Nothing, replaced);
-            }
+        state.queue.push((job, start));
+        if start == Start::AfterResponse && !state.finished {
+            return (Next::Nothing, replaced);
         }
         (state.call_driver(), replaced)
     }
@@ -126,7 +118,7 @@ impl<J: Named> Scope<J> {
         self.state()
             .queue
             .iter()
-            .any(|job| job.name() == Some(name))
+            .any(|(job, _)| job.name() == Some(name))
     }
 
     /// Removes the queued job called `name`, if it has not been taken yet.
@@ -142,7 +134,7 @@ impl<J: Named> Scope<J> {
         debug_assert!(!state.finished, "a request finishes once");
         state.finished = true;
         if let Some(first) = first {
-            state.queue.insert(0, first);
+            state.queue.insert(0, (first, Start::AfterResponse));
         }
         match state.driver {
             Driver::Absent if state.queue.is_empty() => Next::Nothing,
@@ -155,14 +147,8 @@ impl<J: Named> Scope<J> {
     /// and the next work to arrive spawns a new driver.
     pub(crate) fn take(&self, waker: &Waker, idle: bool) -> Option<Taken<J>> {
         let mut state = self.state();
-        let early = mem::take(&mut state.early);
-        let finished = state.finished;
-        let queue = if finished {
-            mem::take(&mut state.queue)
-        } else {
-            Vec::new()
-        };
-        if idle && early.is_empty() && queue.is_empty() {
+        let taken = state.take_ready();
+        if idle && taken.jobs.is_empty() {
             state.driver = Driver::Absent;
             return None;
         }
@@ -170,11 +156,7 @@ impl<J: Named> Scope<J> {
             Driver::Present(Some(current)) if current.will_wake(waker) => {}
             driver => *driver = Driver::Present(Some(waker.clone())),
         }
-        Some(Taken {
-            early,
-            queue,
-            finished,
-        })
+        Some(taken)
     }
 
     /// For a driver that stops before its work is done (cancelled): everything it could still
@@ -182,25 +164,32 @@ impl<J: Named> Scope<J> {
     pub(crate) fn abandon(&self) -> Taken<J> {
         let mut state = self.state();
         state.driver = Driver::Absent;
-        let early = mem::take(&mut state.early);
-        let finished = state.finished;
-        let queue = if finished {
-            mem::take(&mut state.queue)
-        } else {
-            Vec::new()
-        };
-        Taken {
-            early,
-            queue,
-            finished,
-        }
+        state.take_ready()
     }
 }
 
 impl<J: Named> State<J> {
     fn take_named(&mut self, name: &str) -> Option<J> {
-        let position = self.queue.iter().position(|job| job.name() == Some(name))?;
-        Some(self.queue.remove(position))
+        let position = (self.queue.iter()).position(|(job, _)| job.name() == Some(name))?;
+        Some(self.queue.remove(position).0)
+    }
+
+    /// The work that may start now: all of it once the response finished, before that only
+    /// the work meant to start at once.
+    fn take_ready(&mut self) -> Taken<J> {
+        let finished = self.finished;
+        let jobs = if finished {
+            mem::take(&mut self.queue)
+        } else if self.queue.iter().any(|(_, start)| *start == Start::Now) {
+            let (now, later) = mem::take(&mut self.queue)
+                .into_iter()
+                .partition(|(_, start)| *start == Start::Now);
+            self.queue = later;
+            now
+        } else {
+            Vec::new()
+        };
+        Taken { jobs, finished }
     }
 
     /// There is work for a driver: spawn one, or wake the one that waits.
@@ -215,16 +204,15 @@ impl<J: Named> State<J> {
     }
 }
 
-/// Work handed to a driver, in registration order within each kind.
+/// Work handed to a driver, in registration order.
 pub(crate) struct Taken<J> {
-    early: Vec<J>,
-    queue: Vec<J>,
+    jobs: Vec<(J, Start)>,
     finished: bool,
 }
 
 impl<J> Taken<J> {
     pub(crate) fn len(&self) -> usize {
-        self.early.len() + self.queue.len()
+        self.jobs.len()
     }
 
     /// Whether the response had finished: work held for after it may start.
@@ -235,10 +223,10 @@ impl<J> Taken<J> {
 
 impl<J> IntoIterator for Taken<J> {
     type Item = J;
-    type IntoIter = std::iter::Chain<std::vec::IntoIter<J>, std::vec::IntoIter<J>>;
+    type IntoIter = std::iter::Map<std::vec::IntoIter<(J, Start)>, fn((J, Start)) -> J>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.early.into_iter().chain(self.queue)
+        self.jobs.into_iter().map(|(job, _)| job)
     }
 }
 

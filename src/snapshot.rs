@@ -159,7 +159,8 @@ pub struct RequestSnapshot {
     /// The request target, then each header as `name length, value length, name, value` (lengths
     /// as little-endian `u32`).
     raw: Box<[u8]>,
-    target_len: usize,
+    /// Within the cap, itself at most `u32::MAX`.
+    target_len: u32,
     /// Rebuilt on first use; boxed so that an unused one costs a pointer, not its size.
     uri: OnceLock<Box<Uri>>,
     headers: OnceLock<Box<HeaderMap>>,
@@ -255,7 +256,7 @@ impl RequestSnapshot {
             version: request.version(),
             truncated,
             raw: raw.into_boxed_slice(),
-            target_len,
+            target_len: u32::try_from(target_len).unwrap_or(u32::MAX),
             uri: OnceLock::new(),
             headers: OnceLock::new(),
         }
@@ -299,7 +300,7 @@ impl RequestSnapshot {
     pub fn uri(&self) -> &Uri {
         self.uri.get_or_init(|| {
             // It was a valid URI when copied, so it parses again.
-            Box::new(Uri::try_from(&self.raw[..self.target_len]).unwrap_or_default())
+            Box::new(Uri::try_from(&self.raw[..self.target_len as usize]).unwrap_or_default())
         })
     }
 
@@ -313,7 +314,7 @@ impl RequestSnapshot {
     /// ```
     #[must_use]
     pub fn path(&self) -> &str {
-        let target = &self.raw[..self.target_len];
+        let target = &self.raw[..self.target_len as usize];
         if target.first() == Some(&b'/') {
             let end = target.iter().position(|&byte| byte == b'?');
             // From a valid `Uri`, whose path is ASCII: this never fails.
@@ -415,7 +416,7 @@ impl RequestSnapshot {
 
     /// Every header as `(name, value)` bytes, in order.
     fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let mut rest = &self.raw[self.target_len..];
+        let mut rest = &self.raw[self.target_len as usize..];
         std::iter::from_fn(move || {
             let (lengths, tail) = rest.split_at_checked(LENGTHS)?;
             let (name_len, value_len) = lengths.split_at(LENGTHS / 2);
@@ -996,7 +997,7 @@ mod tests {
 
                 // Truncated exactly when the cap cut something, and only what did not fit.
                 let full_target = target_parts(request.uri()).concat();
-                let target_cut = snapshot.raw[..snapshot.target_len] != *full_target.as_bytes();
+                let target_cut = snapshot.raw[..snapshot.target_len as usize] != *full_target.as_bytes();
                 let method_cut = snapshot.method() != request.method();
                 let headers_cut = kept.len() < listed.len();
                 prop_assert_eq!(snapshot.truncated(), target_cut || method_cut || headers_cut);

@@ -182,16 +182,18 @@ impl AfterTasks {
     ///
     /// Callbacks registered while it waits (by a callback, a late [`wait_until`] future or a
     /// request still finishing) are waited for too. If `grace` runs out first, it returns at once
-    /// and reports everything still pending as cancelled: running callbacks are told to stop and
-    /// are dropped at their next `.await`, queued ones never start, and one warning says how
-    /// many. From that moment the layer takes no more work, since the process is going away:
-    /// registering is refused (logged at `WARN` once a second, with a count, and returned as an
-    /// error by [`try_run_with`](crate::After::try_run_with)), and the stats stay as the report
-    /// left them. A drain that ends within its grace leaves the layer working as before.
+    /// and reports everything still pending as cancelled, with one warning that says how many.
+    /// Those callbacks are never polled again: each is dropped, unpolled, as soon as it is woken
+    /// (by what it awaits, or by its budget), and at the latest when the runtime stops. Queued
+    /// ones never start. From that moment the layer takes no more work, since the process is
+    /// going away: registering is refused (logged at `WARN` once a second, with a count, and
+    /// returned as an error by [`try_run_with`](crate::After::try_run_with)), and the stats stay
+    /// as the report left them. A drain that ends within its grace leaves the layer working as
+    /// before.
     ///
-    /// It returns within `grace` plus 50 ms (a moment for the cancelled callbacks to stop): also
-    /// when a callback blocks inside its poll (even on every worker thread), waits for a place
-    /// under the [concurrency limit](crate::AfterLayer::concurrency_limit), or runs a
+    /// It returns within `grace` plus a moment: also when a callback blocks inside its poll (even
+    /// on every worker thread), waits for a place under the
+    /// [concurrency limit](crate::AfterLayer::concurrency_limit), or runs a
     /// [`run_blocking`](crate::After::run_blocking) closure, and also when the runtime that runs
     /// the callbacks is no longer driven. One case it cannot help: on a current-thread runtime, a
     /// callback that blocks also blocks the thread that polls the shutdown, until it yields. The
@@ -229,10 +231,8 @@ impl AfterTasks {
             let written_off = if drained { 0 } else { shared.write_off() };
             if !drained {
                 // Callbacks that were counting their own end as the layer closed finish that
-                // now; then those told to stop get a moment to, before the process exits.
-                let settle = Instant::now().checked_add(SETTLE);
-                let _ = until(settle, shared.idle()).await;
-                let _ = until(settle, stopped(&shared)).await;
+                // now, in a moment.
+                let _ = until(Instant::now().checked_add(SETTLE), shared.idle()).await;
             }
             let after = shared.settled();
             let ended = match turn {
@@ -247,7 +247,6 @@ impl AfterTasks {
                 tracing::warn!(
                     completed = report.completed,
                     cancelled = report.cancelled,
-                    stuck = shared.stuck(),
                     "after callbacks cancelled: the shutdown grace period of {grace:?} ran out"
                 );
             }
@@ -271,13 +270,6 @@ impl Ended {
             completed: completed(after) - completed(before),
             dropped: dropped(after) - dropped(before),
         }
-    }
-}
-
-/// Resolves once every written-off callback has stopped; one stuck inside its poll never does.
-async fn stopped(shared: &Shared) {
-    while shared.stuck() > 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
