@@ -22,18 +22,81 @@ use crate::scope::Named;
 use crate::{AfterContext, RequestSnapshot};
 
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
+
+/// Why a callback failed: the error it returned, to log and count.
+pub(crate) type Failure = Box<dyn fmt::Display + Send>;
+
+/// What a callback may return: `()`, or `Result<(), E>` with an error that can be displayed
+/// (`std::io::Error`, `anyhow::Error`, `Box<dyn Error + Send + Sync>`, a `String`...), so that `?`
+/// works inside it.
+///
+/// A callback that returns `Err` is logged at `ERROR` inside its span, naming the error, and
+/// counted as [`failed`](crate::AfterStats::failed): apart from those that completed, and from
+/// those that panicked.
+///
+/// An async block that never returns (it ends in `panic!`, or is an endless `loop`) has the
+/// type `!`, which is neither: move its body into an `async fn` that returns `()`.
+///
+/// ```
+/// # async fn save(_: &str) -> std::io::Result<()> { Ok(()) }
+/// # fn example(later: tower_after::After) {
+/// later.run_with(|ctx| async move {
+///     save(ctx.request().path()).await?; // logged and counted as failed if it fails
+///     Ok::<_, std::io::Error>(())
+/// });
+/// # }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "a callback must return `()` or `Result<(), E>` with `E: Display`, not `{Self}`",
+    label = "returned here",
+    note = "return `Ok(())` at the end of an `async move` block that uses `?`, and name the \
+            error type if it cannot be inferred: `Ok::<_, MyError>(())`"
+)]
+pub trait AfterOutput: sealed::Output + Send + 'static {}
+
+impl<T: sealed::Output + Send + 'static> AfterOutput for T {}
+
+// The sealed-trait idiom: `Output` is public, so that it can bound a public trait, in a module
+// no other crate can name.
+#[allow(unreachable_pub)]
+pub(crate) mod sealed {
+    use std::fmt;
+
+    use super::Failure;
+
+    /// The crate's side of [`AfterOutput`](super::AfterOutput): not for implementing elsewhere.
+    pub trait Output {
+        /// The failure to log and count, if the callback failed.
+        fn into_failure(self) -> Option<Failure>;
+    }
+
+    impl Output for () {
+        fn into_failure(self) -> Option<Failure> {
+            None
+        }
+    }
+
+    impl<E: fmt::Display + Send + 'static> Output for Result<(), E> {
+        fn into_failure(self) -> Option<Failure> {
+            self.err().map(|error| Box::new(error) as Failure)
+        }
+    }
+}
 type BoxAcquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// An async callback, type-erased: a plain future, or a `run_with` closure that becomes its
 /// future in place when it starts.
 pub(crate) trait Callback: Send {
     /// Polls the callback; a `run_with` closure is first called with `ctx`, so that a context is
-    /// only ever made for the callbacks that read one.
-    fn poll_run(self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()>;
+    /// only ever made for the callbacks that read one. `Err`: it returned an error.
+    fn poll_run(self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<RunResult>;
 }
 
+/// How a callback's run ended, when it did not panic.
+pub(crate) type RunResult = Result<(), Failure>;
+
 impl Callback for BoxCallback {
-    fn poll_run(self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_run(self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<RunResult> {
         self.get_mut().as_mut().poll_run(ctx, cx)
     }
 }
@@ -52,10 +115,23 @@ impl<F> Plain<F> {
     }
 }
 
-impl<F: Future<Output = ()> + Send> Callback for Plain<F> {
-    fn poll_run(self: Pin<&mut Self>, _ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()> {
-        self.project().future.poll(cx)
+impl<F> Callback for Plain<F>
+where
+    F: Future + Send,
+    F::Output: AfterOutput,
+{
+    fn poll_run(
+        self: Pin<&mut Self>,
+        _ctx: &AfterContext,
+        cx: &mut Context<'_>,
+    ) -> Poll<RunResult> {
+        self.project().future.poll(cx).map(finished)
     }
+}
+
+/// A callback's output, as a run's outcome.
+pub(crate) fn finished(output: impl AfterOutput) -> RunResult {
+    output.into_failure().map_or(Ok(()), Err)
 }
 
 pin_project! {
@@ -78,19 +154,24 @@ impl<C, F> WithContext<C, F> {
 impl<C, F> Callback for WithContext<C, F>
 where
     C: FnOnce(AfterContext) -> F + Send,
-    F: Future<Output = ()> + Send,
+    F: Future + Send,
+    F::Output: AfterOutput,
 {
-    fn poll_run(mut self: Pin<&mut Self>, ctx: &AfterContext, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_run(
+        mut self: Pin<&mut Self>,
+        ctx: &AfterContext,
+        cx: &mut Context<'_>,
+    ) -> Poll<RunResult> {
         loop {
             match self.as_mut().project() {
                 WithContextProjection::Start { callback } => {
                     let Some(callback) = callback.take() else {
-                        return Poll::Ready(());
+                        return Poll::Ready(Ok(()));
                     };
                     let future = callback(ctx.clone());
                     self.set(Self::Run { future });
                 }
-                WithContextProjection::Run { future } => return future.poll(cx),
+                WithContextProjection::Run { future } => return future.poll(cx).map(finished),
             }
         }
     }
@@ -342,7 +423,11 @@ impl<C: Callback> Future for Running<C> {
         let polled = catch_unwind(AssertUnwindSafe(|| callback.poll_run(ctx, cx)));
         let how = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(())) => Ended::Completed,
+            Ok(Poll::Ready(Ok(()))) => Ended::Completed,
+            Ok(Poll::Ready(Err(failure))) => {
+                log_failure(this.ctx.request(), this.name.as_deref(), failure);
+                Ended::Failed
+            }
             Err(panic) => {
                 log_panic(this.ctx.request(), this.name.as_deref(), panic);
                 Ended::Panicked
@@ -388,6 +473,25 @@ impl Callbacks {
             Pin::new(&mut running).stop(why);
         }
     }
+}
+
+/// Logs the error a callback returned, in its span, then drops it; both are user code, whose
+/// panics are caught and logged too.
+fn log_failure(request: &RequestSnapshot, name: Option<&str>, failure: Failure) {
+    drop_quietly(
+        || {
+            tracing::error!(
+                method = %request.method(),
+                path = request.path(),
+                name,
+                error = %failure,
+                "after callback failed"
+            );
+            drop(failure);
+        },
+        request,
+        name,
+    );
 }
 
 /// Drops a user's callback with `drop`, catching and logging a panic in its `Drop`.

@@ -40,7 +40,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use tracing::Span;
 
-use crate::callback::{BoxCallback, Callback, Callbacks, Job, Running, Stop, WithContext};
+use crate::callback::{
+    BoxCallback, Callback, Callbacks, Job, RunResult, Running, Stop, WithContext,
+};
 use crate::context::Finished;
 use crate::host::{self, HostRef};
 use crate::ledger::{Ended, Refusal, Refused, Shared, Ticket};
@@ -74,7 +76,7 @@ pub(crate) struct Config {
 
 /// The hook of `AfterLayer::on_response`, type-erased so that the layer's type stays the same.
 pub(crate) type OnResponse =
-    Arc<dyn Fn(AfterContext) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+    Arc<dyn Fn(AfterContext) -> Pin<Box<dyn Future<Output = RunResult> + Send>> + Send + Sync>;
 
 /// One request, from the moment it entered the layer until its last callback ended.
 pub(crate) struct Inflight {
@@ -688,9 +690,10 @@ fn stop<C: Callback>(
 /// Runs `callback` on Tokio's blocking pool, inside the current callback's span and with its
 /// request as the current one. A panic in it is raised again here, where the callback's poll
 /// catches and reports it.
-pub(crate) async fn run_blocking<C>(ctx: AfterContext, callback: C)
+pub(crate) async fn run_blocking<C, R>(ctx: AfterContext, callback: C) -> R
 where
-    C: FnOnce(AfterContext) + Send + 'static,
+    C: FnOnce(AfterContext) -> R + Send + 'static,
+    R: Send + 'static,
 {
     let inflight = CURRENT.try_with(Arc::clone).ok();
     let span = Span::current();
@@ -701,26 +704,29 @@ where
             None => callback(ctx),
         }
     }));
-    if let Err(error) = task.await {
-        if let Ok(panic) = error.try_into_panic() {
-            resume_unwind(panic);
-        }
+    match task.await {
+        Ok(output) => output,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => resume_unwind(panic),
+            // Only an abort cancels it, and that drops this future first.
+            Err(error) => unreachable!("a blocking callback's task was cancelled: {error}"),
+        },
     }
 }
 
 /// A blocking task that has not started yet never starts once its callback is dropped; one
 /// that has started cannot be interrupted and runs to its end.
-struct AbortOnDrop(JoinHandle<()>);
+struct AbortOnDrop<R>(JoinHandle<R>);
 
-impl Future for AbortOnDrop {
-    type Output = Result<(), tokio::task::JoinError>;
+impl<R> Future for AbortOnDrop<R> {
+    type Output = Result<R, tokio::task::JoinError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.0).poll(cx)
     }
 }
 
-impl Drop for AbortOnDrop {
+impl<R> Drop for AbortOnDrop<R> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -737,7 +743,7 @@ mod tests {
     use tokio::sync::oneshot;
     use tower::{service_fn, Layer, Service, ServiceExt};
 
-    use crate::test_util::{eventually, settle, Logs, TestBody, Then};
+    use crate::test_util::{eventually, fail, settle, Logs, TestBody, Then};
     use crate::{After, AfterLayer, AfterTasks, MaxDuration};
 
     type Body = Empty<bytes::Bytes>;
@@ -821,8 +827,8 @@ mod tests {
             after.run(async move {
                 before.fetch_add(1, Ordering::SeqCst);
             });
-            after.run_with(|_| async { panic!("callback bug") });
-            after.run(async { panic!("a second bug") });
+            after.run_with(|_| async { fail("callback bug") });
+            after.run(async { fail("a second bug") });
             after.run(async move {
                 counter.fetch_add(1, Ordering::SeqCst);
             });
@@ -836,6 +842,52 @@ mod tests {
         assert!(errors[0].contains("method=GET"), "{errors:?}");
         assert!(errors[0].contains("path=\"/orders/7\""), "{errors:?}");
         assert!(errors[0].contains("callback bug"), "{errors:?}");
+    }
+
+    #[tokio::test]
+    async fn a_callback_that_returns_an_error_is_logged_and_counted_as_failed() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().on_response(|ctx| async move {
+            // A hook can fail too, and `?` works in it.
+            let path = ctx.request().path().to_owned();
+            std::fs::metadata(format!("/nonexistent/{path}"))?;
+            Ok::<_, std::io::Error>(())
+        });
+        let tasks = layer.tasks();
+        serve(&layer, |after| {
+            after.run(async { Err::<(), _>("the audit table is locked") });
+            after.run_with(|_| async {
+                let count: u32 = "not a number".parse()?;
+                let _ = count;
+                Ok::<_, std::num::ParseIntError>(())
+            });
+            after.wait_until(async { Ok::<_, String>(()) });
+            after.run_blocking(|_| Err::<(), _>(String::from("the disk is full")));
+            after.run(async { fail("a panic is not a failure") });
+        })
+        .await;
+        drained(&tasks).await;
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.completed(), stats.failed(), stats.panicked()),
+            (1, 4, 1),
+            "{stats:?}"
+        );
+        let failures = logs.lines_with("after callback failed");
+        assert_eq!(failures.len(), 4, "{}", logs.text());
+        assert!(failures.iter().all(|line| line.contains("ERROR")));
+        for error in [
+            "the audit table is locked",
+            "invalid digit found in string",
+            "the disk is full",
+            "No such file or directory",
+        ] {
+            assert!(
+                failures.iter().any(|line| line.contains(error)),
+                "{error}: {failures:?}"
+            );
+        }
+        assert!(failures[0].contains("path=\"/orders/7\""), "{failures:?}");
     }
 
     #[tokio::test]
@@ -1308,7 +1360,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(600));
                 flag.store(true, Ordering::SeqCst);
             });
-            after.run_blocking(|_| panic!("blocking bug"));
+            after.run_blocking(|_| fail("blocking bug"));
         })
         .await;
         // Another request's callback runs while the blocking one sleeps.
@@ -1405,7 +1457,7 @@ mod tests {
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                serve(&layer, |after| after.run(std::future::pending())).await;
+                serve(&layer, |after| after.run(std::future::pending::<()>())).await;
                 settle().await;
                 panic!("an unrelated bug");
             });
@@ -1436,8 +1488,8 @@ mod tests {
                 second.fetch_add(1, Ordering::SeqCst);
             });
             // The layer holds two: these are refused, the oldest are kept.
-            after.run(async { unreachable!("refused work never runs") });
-            let refusal = after.try_run_with(|_| async { unreachable!("refused") });
+            after.run(async { fail("refused work never runs") });
+            let refusal = after.try_run_with(|_| async { fail("refused") });
             refused.lock().unwrap().push(refusal);
         })
         .await;
@@ -1549,7 +1601,7 @@ mod tests {
         let record = refusal.clone();
         let service = layer.layer(service_fn(move |request: Request<()>| {
             let after = request.extensions().get::<After>().unwrap().clone();
-            let result = after.try_run_with(|_| std::future::pending());
+            let result = after.try_run_with(|_| std::future::pending::<()>());
             *record.lock().unwrap() = Some(result);
             async { Ok::<_, Infallible>(Response::new(TestBody::new(&["chunk"], Then::Pending))) }
         }));

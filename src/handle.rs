@@ -10,6 +10,7 @@ use crate::callback::{Callback, Plain, WithContext};
 use crate::driver::{run_blocking, Inflight, CURRENT};
 use crate::scope::Start;
 use crate::tasks::Overloaded;
+use crate::AfterOutput;
 use crate::{AfterContext, RequestSnapshot};
 
 /// Schedules work to run after the current request's response has been sent.
@@ -180,7 +181,8 @@ impl After {
     pub fn run_with<C, F>(&self, callback: C)
     where
         C: FnOnce(AfterContext) -> F + Send + 'static,
-        F: Future<Output = ()> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: AfterOutput,
     {
         let callback = WithContext::new(callback);
         self.register(callback, None, Start::AfterResponse);
@@ -204,7 +206,8 @@ impl After {
     pub fn run_named<C, F>(&self, name: impl Into<Cow<'static, str>>, callback: C)
     where
         C: FnOnce(AfterContext) -> F + Send + 'static,
-        F: Future<Output = ()> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: AfterOutput,
     {
         let callback = WithContext::new(callback);
         self.register(callback, Some(name.into()), Start::AfterResponse);
@@ -245,9 +248,10 @@ impl After {
     /// });
     /// # }
     /// ```
-    pub fn run_blocking<C>(&self, callback: C)
+    pub fn run_blocking<C, R>(&self, callback: C)
     where
-        C: FnOnce(AfterContext) + Send + 'static,
+        C: FnOnce(AfterContext) -> R + Send + 'static,
+        R: AfterOutput,
     {
         self.run_with(move |ctx| run_blocking(ctx, callback));
     }
@@ -291,7 +295,8 @@ impl After {
     pub fn try_run_with<C, F>(&self, callback: C) -> Result<(), Overloaded>
     where
         C: FnOnce(AfterContext) -> F + Send + 'static,
-        F: Future<Output = ()> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: AfterOutput,
     {
         let callback = WithContext::new(callback);
         self.inflight.register(callback, None, Start::AfterResponse)
@@ -355,7 +360,8 @@ pub fn try_after<F: AfterWork>(future: F) -> bool {
 }
 
 /// What [`After::run`], [`After::wait_until`], [`after()`] and [`try_after()`] accept: a future
-/// that returns `()`, is `Send` and owns what it uses (`'static`). Every such future is one.
+/// that returns `()` or `Result<(), E>` ([`AfterOutput`]), is `Send` and owns what it uses
+/// (`'static`). Every such future is one.
 ///
 /// It exists for the error message when a closure is passed instead, as Next.js's
 /// `after(() => ..)` invites: a closure that receives the request's context goes to
@@ -372,12 +378,17 @@ pub fn try_after<F: AfterWork>(future: F) -> bool {
     note = "for a closure that receives the request's context, as Next.js's `after(() => ..)`, \
             use `After::run_with(|ctx| async move {{ .. }})`, or in a helper without the handle \
             `After::current().run_with(..)`",
-    note = "the work must be a future that returns `()`, is `Send` and owns what it uses \
-            (`async move`)"
+    note = "the work must be a future that returns `()` or `Result<(), E>`, is `Send` and owns \
+            what it uses (`async move`)"
 )]
-pub trait AfterWork: Future<Output = ()> + Send + 'static {}
+pub trait AfterWork: Future<Output: AfterOutput> + Send + 'static {}
 
-impl<F: Future<Output = ()> + Send + 'static> AfterWork for F {}
+impl<F> AfterWork for F
+where
+    F: Future + Send + 'static,
+    F::Output: AfterOutput,
+{
+}
 
 impl fmt::Debug for After {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

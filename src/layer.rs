@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,7 +14,9 @@ use tower_service::Service;
 
 use tokio::sync::Semaphore;
 
+use crate::callback::{finished, RunResult};
 use crate::driver::Config;
+use crate::AfterOutput;
 use crate::{After, AfterContext, AfterService, AfterTasks, SnapshotConfig};
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see
@@ -169,10 +172,14 @@ impl AfterLayer {
     pub fn on_response<C, F>(mut self, hook: C) -> Self
     where
         C: Fn(AfterContext) -> F + Send + Sync + 'static,
-        F: Future<Output = ()> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: AfterOutput,
     {
-        Arc::make_mut(&mut self.config).on_response =
-            Some(Arc::new(move |ctx| Box::pin(hook(ctx))));
+        let hook = move |ctx| -> Pin<Box<dyn Future<Output = RunResult> + Send>> {
+            let future = hook(ctx);
+            Box::pin(async move { finished(future.await) })
+        };
+        Arc::make_mut(&mut self.config).on_response = Some(Arc::new(hook));
         self
     }
 

@@ -54,6 +54,7 @@ pub(crate) struct Shared {
 struct Totals {
     scheduled: AtomicU64,
     completed: AtomicU64,
+    failed: AtomicU64,
     panicked: AtomicU64,
     timed_out: AtomicU64,
     cancelled: AtomicU64,
@@ -72,6 +73,7 @@ impl Totals {
     fn of(&self, how: Ended) -> &AtomicU64 {
         match how {
             Ended::Completed => &self.completed,
+            Ended::Failed => &self.failed,
             Ended::Panicked => &self.panicked,
             Ended::TimedOut => &self.timed_out,
             Ended::Cancelled => &self.cancelled,
@@ -86,6 +88,8 @@ impl Totals {
 pub(crate) enum Ended {
     /// It ran to its end.
     Completed,
+    /// It returned an error.
+    Failed,
     /// It panicked.
     Panicked,
     /// Its request's budget, or its platform's time, ran out first.
@@ -325,8 +329,8 @@ impl Shared {
         &self.serving
     }
 
-    pub(crate) fn pending(&self) -> usize {
-        usize::try_from(self.pending.get()).unwrap_or(usize::MAX)
+    pub(crate) fn pending(&self) -> u64 {
+        self.pending.get()
     }
 
     pub(crate) fn stats(&self) -> AfterStats {
@@ -335,6 +339,7 @@ impl Shared {
         AfterStats {
             scheduled: load(&totals.scheduled),
             completed: load(&totals.completed),
+            failed: load(&totals.failed),
             panicked: load(&totals.panicked),
             timed_out: load(&totals.timed_out),
             cancelled: load(&totals.cancelled) + load(&totals.written_off),
@@ -445,6 +450,7 @@ pub(crate) mod names {
     pub(crate) fn ended(how: Ended) -> &'static str {
         match how {
             Ended::Completed => "tower_after_callbacks_completed_total",
+            Ended::Failed => "tower_after_callbacks_failed_total",
             Ended::Panicked => "tower_after_callbacks_panicked_total",
             Ended::TimedOut => "tower_after_callbacks_timed_out_total",
             Ended::Cancelled => "tower_after_callbacks_cancelled_total",
@@ -468,6 +474,7 @@ pub(crate) mod names {
 /// |---|---|
 /// | `tower_after_callbacks_scheduled_total` | counter |
 /// | `tower_after_callbacks_completed_total` | counter |
+/// | `tower_after_callbacks_failed_total` | counter |
 /// | `tower_after_callbacks_panicked_total` | counter |
 /// | `tower_after_callbacks_timed_out_total` | counter |
 /// | `tower_after_callbacks_cancelled_total` | counter |
@@ -482,15 +489,16 @@ pub(crate) mod names {
 /// ```
 /// let tasks = tower_after::AfterLayer::new().tasks();
 /// let stats = tasks.stats();
-/// let ended = stats.completed() + stats.panicked() + stats.timed_out() + stats.cancelled()
-///     + stats.forgotten() + stats.shed();
-/// assert_eq!(stats.scheduled(), ended + tasks.pending() as u64);
+/// let ended = stats.completed() + stats.failed() + stats.panicked() + stats.timed_out()
+///     + stats.cancelled() + stats.forgotten() + stats.shed();
+/// assert_eq!(stats.scheduled(), ended + tasks.pending());
 /// println!("{} running, {} waiting for a place", stats.running(), stats.queued());
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AfterStats {
     pub(crate) scheduled: u64,
     pub(crate) completed: u64,
+    pub(crate) failed: u64,
     pub(crate) panicked: u64,
     pub(crate) timed_out: u64,
     pub(crate) cancelled: u64,
@@ -513,6 +521,13 @@ impl AfterStats {
     #[must_use]
     pub fn completed(&self) -> u64 {
         self.completed
+    }
+
+    /// Callbacks that returned an error (each one logged at `ERROR`, naming it): see
+    /// [`AfterOutput`](crate::AfterOutput).
+    #[must_use]
+    pub fn failed(&self) -> u64 {
+        self.failed
     }
 
     /// Callbacks that panicked (each one logged as an error).

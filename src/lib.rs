@@ -362,6 +362,7 @@ mod tasks;
 mod test_util;
 
 pub use body::AfterBody;
+pub use callback::AfterOutput;
 pub use context::{AfterContext, Completion, Outcome};
 #[cfg(feature = "axum")]
 pub use extract::MissingAfterLayer;

@@ -135,7 +135,7 @@ impl AfterTasks {
     /// The number of callbacks and [`wait_until`](crate::After::wait_until) futures registered
     /// and not yet ended: queued behind a response that is still being sent, or running.
     #[must_use]
-    pub fn pending(&self) -> usize {
+    pub fn pending(&self) -> u64 {
         self.shared.pending()
     }
 
@@ -235,40 +235,24 @@ impl AfterTasks {
                 let _ = until(Instant::now().checked_add(SETTLE), shared.idle()).await;
             }
             let after = shared.settled();
-            let ended = match turn {
-                Some(_) => Ended::between(&before, &after),
-                None => Ended::default(),
-            };
-            let report = ShutdownReport {
-                completed: ended.completed as usize,
-                cancelled: (ended.dropped + written_off) as usize,
+            let report = match turn {
+                Some(_) => ShutdownReport::between(&before, &after, written_off),
+                None => ShutdownReport {
+                    cancelled: written_off,
+                    ..ShutdownReport::default()
+                },
             };
             if !drained {
                 tracing::warn!(
                     completed = report.completed,
+                    failed = report.failed,
+                    panicked = report.panicked,
+                    timed_out = report.timed_out,
                     cancelled = report.cancelled,
                     "after callbacks cancelled: the shutdown grace period of {grace:?} ran out"
                 );
             }
             report
-        }
-    }
-}
-
-/// What ended between two readings of the totals.
-#[derive(Default)]
-struct Ended {
-    completed: u64,
-    dropped: u64,
-}
-
-impl Ended {
-    fn between(before: &AfterStats, after: &AfterStats) -> Self {
-        let completed = |stats: &AfterStats| stats.completed + stats.panicked;
-        let dropped = |stats: &AfterStats| stats.timed_out + stats.cancelled + stats.forgotten;
-        Self {
-            completed: completed(after) - completed(before),
-            dropped: dropped(after) - dropped(before),
         }
     }
 }
@@ -281,11 +265,13 @@ impl fmt::Debug for AfterTasks {
     }
 }
 
-/// What [`AfterTasks::shutdown`] did: how many callbacks ended while it waited, and how many it
-/// had to cancel.
+/// What [`AfterTasks::shutdown`] did: how each callback it drained ended, with the names and
+/// meanings of [`AfterStats`].
 ///
-/// Every callback pending when the drain started, or registered during it, is counted at most
-/// once, in this report or in that of a drain running at the same time, never in both.
+/// Every callback pending when the drain started, or registered during it, is counted exactly
+/// once, in this report or in that of a drain running at the same time, never in both. A
+/// callback the drain had to give up on (its grace ran out) is `cancelled` here and in
+/// [`AfterTasks::stats`], even if it ends later.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -297,28 +283,78 @@ impl fmt::Debug for AfterTasks {
 /// if report.cancelled() > 0 {
 ///     eprintln!("{} callbacks did not finish in time", report.cancelled());
 /// }
-/// assert_eq!(report.completed() + report.cancelled(), 0);
+/// assert_eq!(report.total(), 0);
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
-    completed: usize,
-    cancelled: usize,
+    completed: u64,
+    failed: u64,
+    panicked: u64,
+    timed_out: u64,
+    cancelled: u64,
+    forgotten: u64,
 }
 
 impl ShutdownReport {
-    /// Callbacks that ended by themselves during the drain (including any that panicked: to
-    /// tell them apart, compare [`AfterTasks::stats`] before and after the drain).
+    /// What ended between two readings of the totals, with `written_off` more cancelled.
+    fn between(before: &AfterStats, after: &AfterStats, written_off: u64) -> Self {
+        Self {
+            completed: after.completed - before.completed,
+            failed: after.failed - before.failed,
+            panicked: after.panicked - before.panicked,
+            timed_out: after.timed_out - before.timed_out,
+            cancelled: after.cancelled - before.cancelled + written_off,
+            forgotten: after.forgotten - before.forgotten,
+        }
+    }
+
+    /// Callbacks that ran to their end during the drain.
     #[must_use]
-    pub fn completed(&self) -> usize {
+    pub fn completed(&self) -> u64 {
         self.completed
     }
 
-    /// Callbacks dropped before their end: by the grace deadline, by their own request's budget
-    /// while the drain was under way, or forgotten meanwhile.
+    /// Callbacks that returned an error during the drain.
     #[must_use]
-    pub fn cancelled(&self) -> usize {
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
+    /// Callbacks that panicked during the drain.
+    #[must_use]
+    pub fn panicked(&self) -> u64 {
+        self.panicked
+    }
+
+    /// Callbacks cut by their own request's budget while the drain was under way.
+    #[must_use]
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out
+    }
+
+    /// Callbacks cancelled because the grace period ran out (or because their runtime went
+    /// away meanwhile).
+    #[must_use]
+    pub fn cancelled(&self) -> u64 {
         self.cancelled
+    }
+
+    /// Named callbacks replaced or forgotten before they started, during the drain.
+    #[must_use]
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// Every callback the drain accounted for: the sum of the others.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.completed
+            + self.failed
+            + self.panicked
+            + self.timed_out
+            + self.cancelled
+            + self.forgotten
     }
 }
 
@@ -333,7 +369,7 @@ mod tests {
     use http_body_util::{BodyExt, Empty};
     use tower::{service_fn, Layer, ServiceExt};
 
-    use crate::test_util::{eventually, Logs};
+    use crate::test_util::{eventually, fail, Logs};
     use crate::{After, AfterLayer};
 
     /// Serves `count` requests whose callbacks each sleep for `sleep`, then, once all of them
@@ -441,7 +477,7 @@ mod tests {
         let service = layer.layer(service_fn(|request: Request<()>| {
             let after = request.extensions().get::<After>().unwrap().clone();
             after.run(async {});
-            after.run(async { panic!("counted, not fatal") });
+            after.run(async { fail("counted, not fatal") });
             after.run(tokio::time::sleep(Duration::from_secs(10)));
             async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
         }));
@@ -619,7 +655,10 @@ mod tests {
         let done = Arc::new(AtomicUsize::new(0));
         serve_sleepers(&layer, 2, Duration::from_secs(10), &done).await;
         let report = tasks.shutdown(Duration::from_secs(30)).await;
-        assert_eq!((report.completed(), report.cancelled()), (0, 2));
+        // Named as in the stats: timed out by their budget, not cancelled by the drain.
+        let ended = (report.completed(), report.timed_out(), report.cancelled());
+        assert_eq!(ended, (0, 2, 0));
+        assert_eq!(report.total(), 2);
         assert!(
             logs.lines_with("grace period").is_empty(),
             "{}",

@@ -202,3 +202,9 @@ impl io::Write for LogWriter {
         Ok(())
     }
 }
+
+/// Panics with `message`. Typed `()`, so that a callback made of it returns `()`, not `!`
+/// (which is not an `AfterOutput`).
+pub(crate) fn fail(message: &str) {
+    panic!("{message}")
+}

@@ -70,6 +70,11 @@ fn request_id(request: &Request) -> u64 {
 }
 
 /// Inside `AfterLayer`, before any handler: registers one callback of every kind.
+/// Panics; typed `()`, so that a callback ending with it returns `()` rather than `!`.
+fn fail(message: &str) {
+    panic!("{message}")
+}
+
 async fn register_every_kind(
     journal: axum::extract::State<Journal>,
     after: After,
@@ -88,7 +93,7 @@ async fn register_every_kind(
     let j = journal.clone();
     after.run_with(move |ctx| async move {
         j.push(id, "panicking", seen(&ctx));
-        panic!("a deliberately panicking callback");
+        fail("a deliberately panicking callback");
     });
 
     let j = journal.clone();

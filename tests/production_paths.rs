@@ -170,7 +170,7 @@ fn shutdown_keeps_its_grace_when_the_callbacks_runtime_is_not_driven() {
     let layer = AfterLayer::new();
     let tasks = layer.tasks();
     serving.block_on(serve(&layer, |after| {
-        after.run(std::future::pending());
+        after.run(std::future::pending::<()>());
     }));
     assert_eq!(tasks.pending(), 1);
 
@@ -207,7 +207,7 @@ async fn concurrent_shutdowns_never_count_a_callback_twice() {
     })
     .await;
     // Never ends by itself:
-    serve(&layer, |after| after.run(std::future::pending())).await;
+    serve(&layer, |after| after.run(std::future::pending::<()>())).await;
     let (short, long) = tokio::join!(
         tasks.shutdown(GRACE),
         tasks.shutdown(Duration::from_secs(20)),
@@ -336,12 +336,17 @@ impl Drop for PanicsWhenDropped {
     }
 }
 
+/// Panics with `payload`; typed `()`, so that a callback made of it returns `()` rather than `!`.
+fn panic_with(payload: PanicsWhenDropped) {
+    std::panic::panic_any(payload)
+}
+
 #[tokio::test]
 async fn a_panic_whose_payload_panics_on_drop_is_one_panicked_callback() {
     let layer = AfterLayer::new();
     let tasks = layer.tasks();
     serve(&layer, |after| {
-        after.run(async { std::panic::panic_any(PanicsWhenDropped) });
+        after.run(async { panic_with(PanicsWhenDropped) });
         // Its sibling must not pay for it.
         after.run(tokio::task::yield_now());
     })

@@ -165,7 +165,8 @@ fn a_short_grace_cancels_and_says_so() {
     assert_eq!(warnings, 1, "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "grace period of 50ms ran out completed=0 cancelled={REQUESTS}"
+            "grace period of 50ms ran out completed=0 failed=0 panicked=0 timed_out=0 \
+             cancelled={REQUESTS}"
         )),
         "{stderr}"
     );
