@@ -234,7 +234,7 @@ async fn large_headers_through_a_real_server_pin_no_more_than_the_bound() {
     assert!(stats.held_bytes() <= 1024 * 1024, "{stats:?}");
     // About 66 snapshots of 15 KiB fit in 1 MiB: the rest were shed.
     assert!((30..=40).contains(&stats.shed()), "{stats:?}");
-    assert_eq!(tasks.pending() as u64 + stats.shed(), 150);
+    assert_eq!(tasks.pending() + stats.shed(), 150);
     drop(release);
     support::eventually("the hooks to end", || tasks.pending() == 0).await;
     support::eventually("the snapshots to be released", || {
