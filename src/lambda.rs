@@ -66,6 +66,9 @@ use crate::AfterTasks;
 /// 3. waits until they ended, each request's within its budget ([`MaxDuration`](crate::MaxDuration)
 ///    or [`AfterLayer::max_duration`](crate::AfterLayer::max_duration)), and in any case until
 ///    [`DrainLayer::DEADLINE_MARGIN`] before the invocation's deadline (the function's timeout).
+///    A deadline that is no real one (already past as the invocation starts, or more than 15
+///    minutes away, as local emulators such as `cargo lambda watch` send) is ignored, with one
+///    warning: each request's budget alone then bounds the wait.
 ///    What still runs then is cancelled, with one `WARN` for the invocation. A request's budget
 ///    counts from the end of its response body, which `lambda_http` reads before it posts the
 ///    response: the post's time counts against it;
@@ -212,12 +215,34 @@ where
     }
 }
 
-/// When to stop waiting for an invocation whose deadline is `deadline`; `None`: never.
+/// Lambda's longest function timeout: a deadline further away is no real one.
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// When to stop waiting for an invocation whose deadline is `deadline`; `None`: only the
+/// requests' own budgets bound the wait.
+///
+/// A deadline already past as the invocation starts, or further away than Lambda's longest
+/// timeout, is no real deadline: local emulators send one (`cargo lambda watch` sends 600,000 ms
+/// after the epoch, a date in 1970). Cutting every callback at once for it would be wrong, so
+/// the drain says so once and falls back on the budgets.
 fn cap(deadline: SystemTime) -> Option<Instant> {
-    let left = deadline
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now().checked_add(left.saturating_sub(DrainLayer::DEADLINE_MARGIN))
+    match deadline.duration_since(SystemTime::now()) {
+        Ok(left) if left <= LONGEST_TIMEOUT => {
+            Instant::now().checked_add(left.saturating_sub(DrainLayer::DEADLINE_MARGIN))
+        }
+        _ => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    deadline = ?deadline,
+                    "the Lambda invocation's deadline is not a real one (already past, or more \
+                     than 15 minutes away, as a local emulator such as `cargo lambda watch` \
+                     sends): after-work is bounded by each request's `MaxDuration` only"
+                );
+            });
+            None
+        }
+    }
 }
 
 type Drain = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -321,7 +346,17 @@ async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
 #[cfg_attr(docsrs, doc(cfg(all(feature = "lambda", unix))))]
 pub async fn graceful_shutdown(tasks: AfterTasks, grace: Duration) {
     lambda_runtime::spawn_graceful_shutdown_handler(move || async move {
-        tasks.shutdown(grace).await;
+        let report = tasks.shutdown(grace).await;
+        // A drain that ran out of grace has warned already; one that did not says what it did.
+        if report.cancelled() == 0 {
+            tracing::info!(
+                completed = report.completed(),
+                failed = report.failed(),
+                panicked = report.panicked(),
+                timed_out = report.timed_out(),
+                "after callbacks drained at shutdown"
+            );
+        }
     })
     .await;
 }
@@ -476,6 +511,30 @@ mod tests {
         let function = function(inner, sleeper, true);
         let service = DrainLayer::new(drain.tasks()).layer(function);
         (started, dropped, service)
+    }
+
+    #[tokio::test]
+    async fn an_emulator_s_deadline_in_1970_does_not_cancel_the_work() {
+        let layer = AfterLayer::new();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let service = DrainLayer::new(layer.tasks()).layer(function(
+            &layer,
+            move || {
+                let flag = flag.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    flag.store(true, Ordering::SeqCst);
+                }
+            },
+            true,
+        ));
+        // What `cargo lambda watch` sends: 600,000 ms after the epoch.
+        let mut emulated = invocation(Duration::ZERO);
+        emulated.context.deadline = 600_000;
+        service.oneshot(emulated).await.unwrap();
+        assert!(done.load(Ordering::SeqCst), "the drain waited for the work");
+        assert_eq!(layer.tasks().stats().timed_out(), 0);
     }
 
     #[tokio::test]
