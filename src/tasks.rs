@@ -534,6 +534,9 @@ mod tests {
                 map.get(name)
                     .map_or(0, |value| value.load(Ordering::SeqCst))
             }
+            fn published(&self, name: &str) -> bool {
+                self.0.lock().unwrap().contains_key(name)
+            }
             fn slot(&self, key: &Key) -> Arc<AtomicU64> {
                 let mut map = self.0.lock().unwrap();
                 map.entry(key.name().to_owned()).or_default().clone()
@@ -571,7 +574,9 @@ mod tests {
         assert_eq!(totals.get("tower_after_callbacks_scheduled_total"), 2);
         assert_eq!(totals.get("tower_after_callbacks_completed_total"), 2);
         assert_eq!(totals.get("tower_after_callbacks_panicked_total"), 0);
-        // A gauge stores its f64 bits; back at zero, they are all zero.
+        // A gauge stores its f64 bits; back at zero, they are all zero. Published, it went up
+        // and came down.
+        assert!(totals.published("tower_after_callbacks_running"));
         assert_eq!(totals.get("tower_after_callbacks_running"), 0);
     }
 
