@@ -162,6 +162,36 @@ impl AfterLayer {
     /// let layer = AfterLayer::new().on_response(audit);
     /// ```
     ///
+    /// A hook that writes somewhere captures what it writes with (a database pool, a client).
+    /// It is called once per response, so it clones what each call moves into its future; and
+    /// since a flood of requests (even rejected ones) makes a flood of hooks, a
+    /// [`concurrency_limit`](AfterLayer::concurrency_limit) keeps them from swamping the
+    /// database, with [`max_pending`](AfterLayer::max_pending) shedding the excess:
+    ///
+    /// ```
+    /// use tower_after::AfterLayer;
+    ///
+    /// #[derive(Clone)]
+    /// struct Pool; // a database pool: cheap to clone
+    ///
+    /// impl Pool {
+    ///     async fn insert_access_log(&self, path: &str, status: Option<u16>) -> Result<(), String> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let pool = Pool;
+    /// let layer = AfterLayer::new()
+    ///     .concurrency_limit(16)
+    ///     .on_response(move |ctx| {
+    ///         let pool = pool.clone(); // one per call: the future owns it
+    ///         async move {
+    ///             let status = ctx.outcome().status().map(|status| status.as_u16());
+    ///             pool.insert_access_log(ctx.request().path(), status).await // `Err` is logged
+    ///         }
+    ///     });
+    /// ```
+    ///
     /// The hook starts before the request's other callbacks. It is counted from the end of its
     /// response, like them: a response still being sent (a stream, a long poll) holds no place
     /// under [`max_pending`](AfterLayer::max_pending). Calling `on_response` again replaces the

@@ -461,12 +461,15 @@ pub(crate) mod names {
 }
 
 /// Counters and gauges of the callbacks of one [`AfterLayer`](crate::AfterLayer) and its clones,
-/// from [`AfterTasks::stats`].
+/// from [`AfterTasks::stats`](crate::AfterTasks::stats).
 ///
-/// The totals only grow. Every callback scheduled is, at any moment, either pending (see
-/// [`AfterTasks::pending`]: queued behind its response, waiting for a concurrency permit, or
-/// running) or counted in exactly one of `completed`, `panicked`, `timed_out`, `cancelled`,
-/// `forgotten` and `shed`.
+/// The totals only grow. Every callback scheduled is either pending (see
+/// [`AfterTasks::pending`](crate::AfterTasks::pending): queued behind its response, waiting for
+/// a concurrency permit, or running) or counted in exactly one of `completed`, `failed`,
+/// `panicked`, `timed_out`, `cancelled`, `forgotten` and `shed`. Each total is exact, and read on
+/// its own: while callbacks end, a reading may see one ending's total before the pending count
+/// drops. Whenever [`AfterTasks::idle`](crate::AfterTasks::idle) or a shutdown report says
+/// nothing is pending, they all agree.
 ///
 /// With the `metrics` feature, the same numbers are published through the [`metrics`] facade:
 ///

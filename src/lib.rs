@@ -16,6 +16,7 @@
 //! ```
 //! use std::time::Duration;
 //! use axum::{body::Body, http::Request, routing::{get, post}, Router};
+//! use http_body_util::BodyExt;
 //! use tower::ServiceExt;
 //! use tower_after::{After, AfterLayer, MaxDuration};
 //!
@@ -43,7 +44,9 @@
 //! let request = Request::post("/").header("cookie", "session-id=alice").body(Body::empty()).unwrap();
 //! let response = app.oneshot(request).await.unwrap();
 //! assert_eq!(response.status(), 200);
-//! drop(response); // the response is finished: its callback starts now
+//! // Read to its end, the response is finished: its callback starts now. (Dropped unread, it
+//! // would count as a client that left, and the callback would see `Completion::Aborted`.)
+//! response.into_body().collect().await.unwrap();
 //!
 //! // At shutdown, once the server has stopped: let pending callbacks finish.
 //! let report = tasks.shutdown(Duration::from_secs(10)).await;
@@ -215,6 +218,42 @@
 //! end before the work does. If the serving runtime shuts down first, its callbacks are
 //! cancelled with a warning; a response finished on a thread without any runtime has its
 //! waiting callbacks dropped, with an error in the log, rather than a panic.
+//!
+//! # Testing
+//!
+//! Callbacks start once the response has *ended*, and run in the background. A test reads the
+//! response to its end, waits with [`AfterTasks::idle`], then asserts:
+//!
+//! ```
+//! use axum::{body::Body, http::Request, routing::post, Router};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_after::{After, AfterLayer};
+//!
+//! async fn create_order(later: After) -> &'static str {
+//!     later.run(async { /* write the audit row */ });
+//!     "created"
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let layer = AfterLayer::new();
+//! let tasks = layer.tasks(); // before the layer moves into the router
+//! let app = Router::new().route("/orders", post(create_order)).layer(layer);
+//!
+//! let request = Request::post("/orders").body(Body::empty()).unwrap();
+//! let response = app.oneshot(request).await.unwrap();
+//! let body = response.into_body().collect().await.unwrap().to_bytes(); // the callbacks start
+//! assert_eq!(body, "created");
+//! tasks.idle().await; // every callback of the layer has ended
+//! assert_eq!(tasks.stats().completed(), 1);
+//! # }
+//! ```
+//!
+//! Against a real server (`axum::serve` on `127.0.0.1:0`), the same: read the response, then
+//! `tasks.idle().await`. Asserting without waiting is a race; a response held unread keeps its
+//! callbacks waiting, so `idle()` does not resolve until it is read or dropped; a response dropped
+//! unread counts as a client that left, and its callbacks see [`Completion::Aborted`].
 //!
 //! # Tracing
 //!
