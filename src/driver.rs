@@ -82,8 +82,8 @@ pub(crate) type OnResponse =
 pub(crate) struct Inflight {
     pub(crate) snapshot: RequestSnapshot,
     entered: Instant,
-    /// The callbacks' max duration in nanoseconds, counted from the end of the response;
-    /// `u64::MAX` for none. Set by `MaxDuration` while the request is handled.
+    /// The callbacks' max duration, counted from the end of the response (set by `MaxDuration`
+    /// while the request is handled), and whether the snapshot is counted in the held bytes.
     terms: Terms,
     /// How and when the response finished.
     end: OnceLock<Outcome>,
