@@ -45,6 +45,10 @@ const VARIANTS: &[(&str, &str)] = &[
     ("eos-spawn", "+ TraceLayer whose on_eos spawns the work"),
     ("after-callback", "+ AfterLayer, one callback per request"),
     (
+        "after-run-to-end",
+        "+ AfterLayer and RunToEndLayer, one callback",
+    ),
+    (
         "after-hook",
         "+ AfterLayer with an on_response hook, nothing else",
     ),
@@ -319,6 +323,9 @@ fn app(variant: &str) -> Router {
         "eos-spawn" => eos_spawn(route(get(hello)), false),
         "eos-spawn-sleep" => eos_spawn(route(get(hello)), true),
         "after-callback" => route(get(after_callback)).layer(AfterLayer::new()),
+        "after-run-to-end" => route(get(after_callback))
+            .layer(tower_after::RunToEndLayer::new())
+            .layer(AfterLayer::new()),
         "after-delay" => route(get(after_delay)).layer(AfterLayer::new()),
         "spawn" => route(get(spawn)),
         "after-sleep" => route(get(after_sleep)).layer(AfterLayer::new()),

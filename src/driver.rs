@@ -714,9 +714,10 @@ where
     }
 }
 
-/// A blocking task that has not started yet never starts once its callback is dropped; one
-/// that has started cannot be interrupted and runs to its end.
-struct AbortOnDrop<R>(JoinHandle<R>);
+/// A task that is aborted when this handle is dropped: a blocking task that has not started yet
+/// never starts; one that has started cannot be interrupted and runs to its end; an async task
+/// is dropped at its next `.await`.
+pub(crate) struct AbortOnDrop<R>(pub(crate) JoinHandle<R>);
 
 impl<R> Future for AbortOnDrop<R> {
     type Output = Result<R, tokio::task::JoinError>;

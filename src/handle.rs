@@ -6,6 +6,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::futures::TaskLocalFuture;
+
 use crate::callback::{Callback, Plain, WithContext};
 use crate::driver::{run_blocking, Inflight, CURRENT};
 use crate::scope::Start;
@@ -86,6 +88,11 @@ const OUTSIDE_MESSAGE: &str = "`After::current()` (or `tower_after::after`) was 
 impl After {
     pub(crate) fn new(inflight: Arc<Inflight>) -> Self {
         Self { inflight }
+    }
+
+    /// `future`, polled with this request as the current one (for `After::current`).
+    pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<Arc<Inflight>, F> {
+        CURRENT.scope(self.inflight.clone(), future)
     }
 
     pub(crate) fn set_budget(&self, budget: Duration) {

@@ -112,6 +112,7 @@
 //! | `headers()`, `cookies()` inside `after`   | [`AfterContext::request`]: [`RequestSnapshot::headers`], [`RequestSnapshot::cookie`] |
 //! | `maxDuration`                             | [`MaxDuration`] on a route, [`AfterLayer::max_duration`] for all |
 //! | draining on `SIGTERM`                     | [`AfterTasks::shutdown`] after `with_graceful_shutdown` returns |
+//! | a route handler runs to its end when the client leaves | [`RunToEndLayer`] inside `AfterLayer` (under hyper, a handler is dropped when its client leaves) |
 //! | "`after` was called outside a request scope" | [`After::current`] panics naming `AfterLayer`; [`After::try_current`] is `None` |
 //!
 //! # Where to put the layer
@@ -392,6 +393,7 @@ pub mod lambda;
 mod layer;
 mod ledger;
 mod pending;
+mod run_to_end;
 mod scope;
 mod service;
 mod serving;
@@ -409,6 +411,7 @@ pub use future::ResponseFuture;
 pub use handle::{after, try_after, After, AfterWork};
 pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
 pub use ledger::AfterStats;
+pub use run_to_end::{RunToEnd, RunToEndFuture, RunToEndLayer};
 pub use service::AfterService;
 pub use snapshot::{RequestSnapshot, SnapshotConfig};
 pub use tasks::{AfterTasks, Overloaded, ShutdownReport};
