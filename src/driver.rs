@@ -1703,6 +1703,50 @@ mod tests {
         assert!(ran.load(Ordering::SeqCst));
     }
 
+    #[test]
+    fn early_work_the_handler_registers_runs_on_the_runtime_that_serves_its_request() {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        // A first runtime serves the layer, then is kept but no longer driven (another
+        // server's, one of several per-core runtimes between turns, one kept for later).
+        let first = runtime();
+        first.block_on(async {
+            serve(&layer, |after| after.run(async {})).await;
+            drained(&tasks).await;
+        });
+        // Another runtime serves a request whose handler, on the request's own task, queues a
+        // named callback and then early work: the early work must run where the request is
+        // served, not on the first runtime, which nobody polls.
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let flag = flag.clone();
+            async move {
+                let after = After::current();
+                after.run_named("later", |_| async {});
+                after.wait_until(async move { flag.store(true, Ordering::SeqCst) });
+                Ok::<_, Infallible>(Response::new(Body::new()))
+            }
+        }));
+        let idle = runtime().block_on(async {
+            let response = service.oneshot(Request::new(())).await.unwrap();
+            response.into_body().collect().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(2), tasks.idle()).await
+        });
+        assert!(
+            ran.load(Ordering::SeqCst) && idle.is_ok(),
+            "the early work went to the first runtime, which nobody drives ({:?})",
+            tasks.stats()
+        );
+        drop(first);
+    }
+
     #[tokio::test]
     async fn a_request_without_work_holds_no_bytes_and_one_with_many_counts_once() {
         let layer = AfterLayer::new();
