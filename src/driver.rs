@@ -205,7 +205,8 @@ impl Inflight {
         }
         let job = Job::new(Box::pin(callback), span, name, ticket);
         let (next, replaced) = self.scope.register(job, start);
-        self.act(next, false);
+        // On the request's own task (its handler, its callbacks), the current runtime serves it.
+        self.act(next, self.is_current());
         if let Some(replaced) = replaced {
             replaced.end(Ended::Forgotten, &self.snapshot);
         }
