@@ -455,7 +455,7 @@ mod tests {
             }
         };
         let service = DrainLayer::new(tasks.clone()).layer(function(&layer, callback, true));
-        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
+        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(600))));
         eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
 
         let report = tasks.shutdown(Duration::from_millis(50)).await;
@@ -481,7 +481,7 @@ mod tests {
         let layer = AfterLayer::new();
         let never = function(&layer, std::future::pending::<()>, true);
         never
-            .oneshot(invocation(Duration::from_secs(3600)))
+            .oneshot(invocation(Duration::from_secs(600)))
             .await
             .unwrap();
         layer
@@ -543,7 +543,7 @@ mod tests {
         let outer = AfterLayer::new();
         let inner = AfterLayer::new();
         let (started, dropped, service) = sleeping_in_an_invocation(&outer, &inner);
-        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
+        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(600))));
         eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
 
         let report = inner.tasks().shutdown(Duration::from_millis(50)).await;
@@ -564,7 +564,7 @@ mod tests {
         let inner = AfterLayer::new();
         let (started, _, service) = sleeping_in_an_invocation(&outer, &inner);
         service
-            .oneshot(invocation(Duration::from_secs(3600)))
+            .oneshot(invocation(Duration::from_secs(600)))
             .await
             .unwrap();
 
@@ -585,7 +585,7 @@ mod tests {
         let outer = with_stuck_work().await;
         let inner = AfterLayer::new();
         let (started, dropped, service) = sleeping_in_an_invocation(&outer, &inner);
-        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(3600))));
+        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(600))));
         eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
 
         // Its grace runs out on its own stuck callback: the invocation's work stops too.
