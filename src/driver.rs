@@ -1663,16 +1663,18 @@ mod tests {
         assert_eq!(tasks.stats(), stats);
     }
 
+    /// A current-thread runtime of its own, with timers.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn work_from_a_spawned_task_runs_once_the_first_serving_runtime_is_gone() {
         let layer = AfterLayer::new();
         let tasks = layer.tasks();
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
         // A first runtime serves the layer (a warm-up, a previous test, a restarted server
         // loop), then is dropped.
         runtime().block_on(async {
@@ -1708,12 +1710,6 @@ mod tests {
     fn early_work_the_handler_registers_runs_on_the_runtime_that_serves_its_request() {
         let layer = AfterLayer::new();
         let tasks = layer.tasks();
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
         // A first runtime serves the layer, then is kept but no longer driven (another
         // server's, one of several per-core runtimes between turns, one kept for later).
         let first = runtime();

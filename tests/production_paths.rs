@@ -454,61 +454,57 @@ async fn a_callback_registered_on_a_runtime_without_timers_still_runs() {
     assert!(ran);
 }
 
-/// Serves one request that registers nothing, and hands its `After` out.
-async fn serve_and_keep_the_handle(layer: &AfterLayer) -> After {
+/// A layer that has served a request with work (which tells it the runtime that serves it),
+/// and the `After` of a second request, which registered nothing, handed out.
+async fn served_with_a_handle_out() -> (AfterLayer, After) {
+    let layer = AfterLayer::new();
+    serve(&layer, |after| after.run(async {})).await;
     let (send, receive) = std::sync::mpsc::channel();
-    serve(layer, move |after| send.send(after.clone()).unwrap()).await;
-    receive.recv().unwrap()
+    serve(&layer, move |after| send.send(after.clone()).unwrap()).await;
+    (layer, receive.recv().unwrap())
+}
+
+/// Late work that sleeps, then sets the flag it returns.
+fn late_work() -> (
+    impl std::future::Future<Output = ()> + Send + 'static,
+    Arc<AtomicBool>,
+) {
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    let work = async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        flag.store(true, Ordering::SeqCst);
+    };
+    (work, ran)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_work_from_a_plain_thread_runs_on_the_serving_runtime() {
-    let layer = AfterLayer::new();
-    let tasks = layer.tasks();
-    // The layer's first request with work tells it which runtime serves it.
-    serve(&layer, |after| after.run(async {})).await;
-    let after = serve_and_keep_the_handle(&layer).await;
-    let ran = Arc::new(AtomicBool::new(false));
-    let flag = ran.clone();
-    std::thread::spawn(move || {
-        after.run(async move {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            flag.store(true, Ordering::SeqCst);
-        });
-    })
-    .join()
-    .unwrap();
-    wait_idle(&tasks).await;
+    let (layer, after) = served_with_a_handle_out().await;
+    let (work, ran) = late_work();
+    std::thread::spawn(move || after.run(work)).join().unwrap();
+    wait_idle(&layer.tasks()).await;
     assert!(ran.load(Ordering::SeqCst));
-    assert_eq!(tasks.stats().cancelled(), 0);
+    assert_eq!(layer.tasks().stats().cancelled(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_work_from_a_temporary_runtime_outlives_it() {
-    let layer = AfterLayer::new();
-    let tasks = layer.tasks();
-    serve(&layer, |after| after.run(async {})).await;
-    let after = serve_and_keep_the_handle(&layer).await;
-    let ran = Arc::new(AtomicBool::new(false));
-    let flag = ran.clone();
+    let (layer, after) = served_with_a_handle_out().await;
+    let (work, ran) = late_work();
     tokio::task::spawn_blocking(move || {
         let helper = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        helper.block_on(async move {
-            after.run(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                flag.store(true, Ordering::SeqCst);
-            });
-        });
+        helper.block_on(async move { after.run(work) });
         // The helper's runtime ends here, before the work does.
     })
     .await
     .unwrap();
-    wait_idle(&tasks).await;
+    wait_idle(&layer.tasks()).await;
     assert!(ran.load(Ordering::SeqCst));
-    assert_eq!(tasks.stats().cancelled(), 0);
+    assert_eq!(layer.tasks().stats().cancelled(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
