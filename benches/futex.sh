@@ -14,15 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 seconds=${2:-5}
-missing=()
-command -v strace >/dev/null || missing+=(strace)
-command -v wrk >/dev/null || missing+=(wrk)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]} with apt-get" >&2
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq "${missing[@]}"
-fi
+source benches/need.sh
+need strace wrk
 cargo build --release --example loadtest -q
 # Each pair: a variant and its floor.
 pairs=("after-callback eos-spawn" "after-sleep eos-spawn-sleep")

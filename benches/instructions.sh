@@ -7,15 +7,8 @@
 # Usage: `bash benches/instructions.sh [VARIANT...]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-command -v valgrind >/dev/null || missing+=(valgrind)
-command -v wrk >/dev/null || missing+=(wrk)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]} with apt-get" >&2
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq "${missing[@]}"
-fi
+source benches/need.sh
+need valgrind wrk
 cargo build --release --example loadtest -q
 variants=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
