@@ -345,24 +345,29 @@ pub fn after<F: AfterWork>(future: F) {
 ///
 /// For helpers shared between request handlers and other code (a job runner, a CLI, a test):
 /// inside a request handled by [`AfterLayer`](crate::AfterLayer) the work waits for the
-/// response; elsewhere `try_after` returns `false` and the helper decides what to do.
+/// response; elsewhere `try_after` hands the work back, and the helper decides what to do with
+/// it.
 ///
 /// ```
 /// async fn record(event: &'static str) {
 ///     let work = async move { println!("recorded {event}") };
-///     if !tower_after::try_after(work) {
+///     if let Err(work) = tower_after::try_after(work) {
 ///         // Not inside a request: nothing to wait for.
-///         println!("recorded {event} at once");
+///         work.await;
 ///     }
 /// }
 /// ```
-pub fn try_after<F: AfterWork>(future: F) -> bool {
+///
+/// # Errors
+///
+/// The work itself, unregistered, when no request is in scope.
+pub fn try_after<F: AfterWork>(future: F) -> Result<(), F> {
     match After::try_current() {
         Some(after) => {
             after.run(future);
-            true
+            Ok(())
         }
-        None => false,
+        None => Err(future),
     }
 }
 
@@ -403,5 +408,52 @@ impl fmt::Debug for After {
             .field("method", self.request().method())
             .field("uri", self.request().uri())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Empty};
+    use tower::{service_fn, Layer, ServiceExt};
+
+    use crate::AfterLayer;
+
+    #[tokio::test]
+    async fn try_after_hands_the_work_back_outside_a_request_and_registers_it_inside() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let count = ran.clone();
+        let work = async move {
+            count.fetch_add(1, Ordering::SeqCst);
+        };
+        // Outside a request: the work comes back, unregistered, and can be run by hand.
+        let Err(work) = super::try_after(work) else {
+            panic!("registered outside a request");
+        };
+        work.await;
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+
+        // Inside one: registered, it runs after the response.
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let count = ran.clone();
+        let service = layer.layer(service_fn(move |_: Request<()>| {
+            let count = count.clone();
+            async move {
+                let registered = super::try_after(async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                });
+                assert!(registered.is_ok());
+                Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new()))
+            }
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        tasks.idle().await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
     }
 }
