@@ -299,6 +299,16 @@
 //! `lambda::DrainLayer` goes on `lambda_runtime::Runtime::layer`, which wraps each invocation up
 //! to and including the post of its response.
 //!
+//! The feature is off by default, and `lambda_http` and `lambda_runtime` are your own
+//! dependencies, as they are for any Rust function on Lambda:
+//!
+//! ```toml
+//! [dependencies]
+//! tower-after = { version = "0.1", features = ["lambda"] }
+//! lambda_http = "1"
+//! lambda_runtime = "1"
+//! ```
+//!
 //! ```rust,ignore
 //! let layer = AfterLayer::new();
 //! let app = Router::new().route("/", post(handler)).layer(layer.clone());
@@ -308,6 +318,12 @@
 //!     .run()
 //!     .await
 //! ```
+//!
+//! Locally, `cargo lambda watch` runs the function the way Lambda does, one event at a time
+//! unless told otherwise: with `--concurrency 1`, each request waits until the previous
+//! invocation's callbacks have ended, which is what Lambda does too. The emulator sends a
+//! deadline in 1970, which `DrainLayer` recognizes as no real deadline (it says so once): each
+//! request's budget then bounds the wait.
 //!
 //! With `DrainLayer`, for each invocation:
 //! - The callbacks of its request start only once its response has been posted to the Runtime
