@@ -195,9 +195,7 @@ impl Inflight {
                 if self.scope.claim() {
                     let first = Running::new(callback, span, None, ticket, self.context());
                     let driver = Driver::new(self.clone(), Some(first), start);
-                    if !self.shared().serving().is_known() {
-                        self.shared().serving().remember(&runtime);
-                    }
+                    self.shared().serving().remember(&runtime);
                     runtime.spawn(CURRENT.scope(self.clone(), driver));
                     return Ok(());
                 }
@@ -321,8 +319,8 @@ impl Inflight {
         Ok(())
     }
 
-    /// Does what the scope asks. `serving`: called where the response is served (its future
-    /// or body), whose runtime is the request's.
+    /// Does what the scope asks. `serving`: called where the request is served (its response's
+    /// future or body, or its own task), whose runtime is the request's.
     fn act(self: &Arc<Self>, next: Next, serving: bool) {
         match next {
             Next::Nothing => {}
@@ -332,7 +330,7 @@ impl Inflight {
     }
 
     /// Spawns a driver on the runtime that serves the request: the current one where the
-    /// response is served; otherwise (a plain thread, a task of its own, the blocking pool, a
+    /// request is served; otherwise (a plain thread, a task of its own, the blocking pool, a
     /// helper's temporary runtime) the live runtime that serves the layer, or else the current
     /// one.
     fn spawn(self: &Arc<Self>, serving: bool) {
@@ -357,7 +355,7 @@ impl Inflight {
             );
             return;
         };
-        if serving && !self.shared().serving().is_known() {
+        if serving {
             self.shared().serving().remember(&runtime);
         }
         let driver = Driver::<BoxCallback>::new(self.clone(), None, Start::Now);

@@ -42,12 +42,17 @@ impl Serving {
         self.live.load(Ordering::Acquire) != 0
     }
 
-    /// Remembers `runtime`, where a request is served, unless a live one is known already.
+    /// Remembers `runtime`, where a request is served, unless a live one is known already (which
+    /// costs one atomic load).
     pub(crate) fn remember(&self, runtime: &Handle) {
+        if self.is_known() {
+            return;
+        }
         let mut remembered = self
             .remembered
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // Another request may have remembered one while this one waited for the lock.
         if self.is_known() {
             return;
         }
