@@ -1,5 +1,5 @@
 //! What clients that send large headers can make a server hold, with and without the crate's
-//! byte bound: every response keeps its request's snapshot for a minute (an `on_response` hook
+//! byte bound: every response keeps its request's snapshot for a minute (an `after_each` hook
 //! that waits), and one client on 127.0.0.1 sends plain GETs with headers of a given size.
 //!
 //! Run with: `cargo run --release --example held_bytes`
@@ -74,7 +74,7 @@ fn run_row(requests: usize, kib: usize, mode: &str) {
         .unwrap();
     let mut layer = AfterLayer::new()
         .max_pending(usize::MAX)
-        .on_response(|_| tokio::time::sleep(Duration::from_secs(60)));
+        .after_each(|_| tokio::time::sleep(Duration::from_secs(60)));
     if mode == "unbounded" {
         layer = layer
             .snapshot(SnapshotConfig::new().max_bytes(usize::MAX))

@@ -50,7 +50,7 @@ const VARIANTS: &[(&str, &str)] = &[
     ),
     (
         "after-hook",
-        "+ AfterLayer with an on_response hook, nothing else",
+        "+ AfterLayer with an after_each hook, nothing else",
     ),
     (
         "after-outer-callback",
@@ -315,7 +315,7 @@ fn app(variant: &str) -> Router {
         "after-outer" => route(get(hello)),
         "after-outer-callback" => route(get(after_callback)),
         "after-hook" => {
-            route(get(hello)).layer(AfterLayer::new().on_response(move |ctx| async move {
+            route(get(hello)).layer(AfterLayer::new().after_each(move |ctx| async move {
                 probe.delays.record(ctx.outcome().finished_at().elapsed());
                 probe.ran.fetch_add(1, Ordering::Relaxed);
             }))

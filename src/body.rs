@@ -11,6 +11,7 @@ use std::mem;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use tokio::time::Instant;
 
 use crate::driver::Inflight;
 use crate::Completion;
@@ -134,7 +135,7 @@ impl<B: fmt::Debug> fmt::Debug for AfterBody<B> {
 
 /// Reports the end of a request, exactly once: when told, or when dropped. It exists from
 /// before the inner service is called, so that even a panic in a synchronous `call` finishes
-/// the request. The default one has nothing to report.
+/// the request.
 pub(crate) struct Finisher {
     /// Taken when the request finishes, so it cannot finish twice.
     inflight: Option<Arc<Inflight>>,
@@ -144,18 +145,9 @@ pub(crate) struct Finisher {
     expected: Option<u64>,
     /// How the request ended if this is dropped now.
     on_drop: Completion,
-}
-
-impl Default for Finisher {
-    fn default() -> Self {
-        Self {
-            inflight: None,
-            status: None,
-            body_bytes: 0,
-            expected: None,
-            on_drop: Completion::Aborted,
-        }
-    }
+    /// When the request entered the layer: here, not in the request's state, which pending
+    /// callbacks keep alive.
+    entered: Instant,
 }
 
 impl Finisher {
@@ -167,6 +159,19 @@ impl Finisher {
             body_bytes: 0,
             expected: None,
             on_drop: Completion::Failed,
+            entered: Instant::now(),
+        }
+    }
+
+    /// Moves the request out, leaving a finisher with nothing to report.
+    pub(crate) fn take(&mut self) -> Self {
+        Self {
+            inflight: self.inflight.take(),
+            status: self.status,
+            body_bytes: self.body_bytes,
+            expected: self.expected,
+            on_drop: self.on_drop,
+            entered: self.entered,
         }
     }
 
@@ -208,7 +213,7 @@ impl Finisher {
             let sent = self
                 .expected
                 .map_or(self.body_bytes, |expected| self.body_bytes.min(expected));
-            inflight.finish(self.status, completion, sent);
+            inflight.finish(self.status, completion, sent, self.entered);
         }
     }
 }

@@ -483,6 +483,7 @@ fn log_failure(request: &RequestSnapshot, name: Option<&str>, failure: Failure) 
             tracing::error!(
                 method = %request.method(),
                 path = request.path(),
+                request_id = request.request_id(),
                 name,
                 error = %failure,
                 "after callback failed"
@@ -511,6 +512,7 @@ fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: Box<dyn Any +
     tracing::error!(
         method = %request.method(),
         path = request.path(),
+        request_id = request.request_id(),
         name,
         panic = message,
         "after callback panicked"

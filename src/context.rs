@@ -1,7 +1,10 @@
 //! What a callback learns about its request: [`AfterContext`], [`Outcome`] and [`Completion`].
 
+use std::any::{Any, TypeId};
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -14,6 +17,60 @@ pub(crate) trait Finished: Send + Sync {
     fn request(&self) -> &RequestSnapshot;
     /// Only called once the response has finished.
     fn outcome(&self) -> &Outcome;
+    /// When the request's budget runs out, if it has one.
+    fn deadline(&self) -> Option<Instant>;
+    /// Resolves when its callbacks should wrap up: see [`AfterContext::stopping`].
+    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// What the handler left for its callbacks: see [`AfterContext::get`].
+    fn data(&self) -> &Data;
+}
+
+/// Typed values that a request's handler leaves for its callbacks and its `after_each` hook
+/// ([`After::insert`](crate::After::insert), [`AfterContext::get`]): one per type, like
+/// `http::Extensions`. Values are shared, not cloned, so no user code runs under the lock.
+#[derive(Default)]
+pub(crate) struct Data {
+    /// Boxed: most requests leave nothing, and this is in every request's state.
+    values: Mutex<Option<Box<Values>>>,
+}
+
+/// One value per type, in insertion order: a request leaves a handful at most.
+#[derive(Default)]
+struct Values(Vec<(TypeId, Value)>);
+
+type Value = Arc<dyn Any + Send + Sync>;
+
+impl Data {
+    /// Stores `value`, and hands back the value of its type it replaces.
+    pub(crate) fn insert<T: Any + Send + Sync>(&self, value: T) -> Option<Arc<T>> {
+        let value: Value = Arc::new(value);
+        let replaced = {
+            let mut values = self.values.lock().unwrap_or_else(PoisonError::into_inner);
+            let Values(values) = &mut **values.get_or_insert_with(Box::default);
+            match values.iter_mut().find(|(id, _)| *id == TypeId::of::<T>()) {
+                Some((_, slot)) => Some(std::mem::replace(slot, value)),
+                None => {
+                    values.push((TypeId::of::<T>(), value));
+                    None
+                }
+            }
+        };
+        // Dropped (if last) outside the lock: a `Drop` may call back into the crate.
+        replaced.and_then(|value| value.downcast().ok())
+    }
+
+    pub(crate) fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let value = {
+            let values = self.values.lock().unwrap_or_else(PoisonError::into_inner);
+            let (_, value) = values
+                .as_ref()?
+                .0
+                .iter()
+                .find(|(id, _)| *id == TypeId::of::<T>())?;
+            value.clone()
+        };
+        value.downcast().ok()
+    }
 }
 
 /// What a [`run_with`](crate::After::run_with) callback receives: the request as it arrived and
@@ -75,6 +132,83 @@ impl AfterContext {
     #[must_use]
     pub fn outcome(&self) -> &Outcome {
         self.request.outcome()
+    }
+
+    /// When this request's budget runs out and what still runs of its callbacks is dropped:
+    /// the end of its response plus its max duration ([`AfterLayer::max_duration`] or
+    /// [`MaxDuration`](crate::MaxDuration)). `None` for a budget of [`Duration::MAX`].
+    ///
+    /// A shutdown can stop callbacks earlier, at the end of its grace period:
+    /// [`AfterContext::stopping`] tells when that starts.
+    ///
+    /// [`AfterLayer::max_duration`]: crate::AfterLayer::max_duration
+    ///
+    /// ```
+    /// # use tower_after::AfterContext;
+    /// async fn export(ctx: AfterContext) {
+    ///     let left = ctx.deadline().map(|deadline| deadline.saturating_duration_since(std::time::Instant::now()));
+    ///     println!("{left:?} left to export");
+    /// }
+    /// ```
+    #[must_use]
+    pub fn deadline(&self) -> Option<Instant> {
+        self.request.deadline()
+    }
+
+    /// Resolves when this callback should wrap up, before it is dropped: as soon as a shutdown
+    /// of its layer starts ([`AfterTasks::shutdown`](crate::AfterTasks::shutdown), or
+    /// `lambda::graceful_shutdown` on SIGTERM), or when its request's budget nears its end
+    /// (a tenth of the budget before its [`deadline`](AfterContext::deadline), at most one
+    /// second before). Pending forever without either.
+    ///
+    /// A callback is dropped, at its next `.await`, when its budget or a shutdown's grace runs
+    /// out; it gets no other warning. One that batches, streams or holds a transaction can
+    /// watch this future and flush or commit in time, as ASP.NET's `RequestAborted` or a
+    /// `CancellationToken` lets it. It is the callback's choice: one that ignores it is stopped
+    /// as before. Only callbacks that call it pay for it (one allocation and, with a budget, a
+    /// timer).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_after::AfterContext;
+    ///
+    /// # struct Batch;
+    /// # impl Batch { fn push(&mut self, _: u32) {} async fn commit(self) {} }
+    /// # async fn next_row() -> u32 { tokio::time::sleep(Duration::from_millis(10)).await; 1 }
+    /// async fn import(ctx: AfterContext, mut batch: Batch) {
+    ///     let mut stopping = std::pin::pin!(ctx.stopping());
+    ///     for _ in 0..10_000 {
+    ///         tokio::select! {
+    ///             _ = &mut stopping => break, // commit what we have while we can
+    ///             row = next_row() => batch.push(row),
+    ///         }
+    ///     }
+    ///     batch.commit().await;
+    /// }
+    /// ```
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.request.stopping()
+    }
+
+    /// The value of type `T` that the request's handler left with
+    /// [`After::insert`](crate::After::insert), if it left one: typed data from the handler to
+    /// its callbacks and to the [`after_each`](crate::AfterLayer::after_each) hook, such as the
+    /// user id an access log wants, which the request's headers do not tell.
+    ///
+    /// ```
+    /// use tower_after::{AfterContext, AfterLayer};
+    ///
+    /// #[derive(Debug)]
+    /// struct UserId(u64);
+    ///
+    /// let layer = AfterLayer::new().after_each(|ctx: AfterContext| async move {
+    ///     let user = ctx.get::<UserId>().map(|user| user.0);
+    ///     tracing::info!(path = ctx.request().path(), user, "served");
+    /// });
+    /// ```
+    #[must_use]
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.request.data().get()
     }
 }
 

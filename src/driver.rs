@@ -24,7 +24,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::panic::resume_unwind;
+use std::panic::{resume_unwind, Location};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -43,7 +43,7 @@ use tracing::Span;
 use crate::callback::{
     BoxCallback, Callback, Callbacks, Job, RunResult, Running, Stop, WithContext,
 };
-use crate::context::Finished;
+use crate::context::{Data, Finished};
 use crate::host::{self, HostRef};
 use crate::ledger::{Ended, Refusal, Refused, Shared, Ticket};
 use crate::scope::{Next, Scope, Start};
@@ -64,8 +64,8 @@ pub(crate) struct Config {
     pub(crate) limit: Option<Arc<Semaphore>>,
     /// The number of places under `limit`, for `Debug`.
     pub(crate) limit_size: Option<usize>,
-    /// Work for after every response: `AfterLayer::on_response`.
-    pub(crate) on_response: Option<OnResponse>,
+    /// Work for after every response, and where it was set: `AfterLayer::after_each`.
+    pub(crate) after_each: Option<(AfterEach, &'static Location<'static>)>,
     /// How many callbacks the layer holds at most: `AfterLayer::max_pending`.
     pub(crate) max_pending: usize,
     /// What a snapshot keeps: `AfterLayer::snapshot`.
@@ -74,19 +74,20 @@ pub(crate) struct Config {
     pub(crate) max_held_bytes: usize,
 }
 
-/// The hook of `AfterLayer::on_response`, type-erased so that the layer's type stays the same.
-pub(crate) type OnResponse =
+/// The hook of `AfterLayer::after_each`, type-erased so that the layer's type stays the same.
+pub(crate) type AfterEach =
     Arc<dyn Fn(AfterContext) -> Pin<Box<dyn Future<Output = RunResult> + Send>> + Send + Sync>;
 
 /// One request, from the moment it entered the layer until its last callback ended.
 pub(crate) struct Inflight {
     pub(crate) snapshot: RequestSnapshot,
-    entered: Instant,
     /// The callbacks' max duration, counted from the end of the response (set by `MaxDuration`
     /// while the request is handled), and whether the snapshot is counted in the held bytes.
     terms: Terms,
     /// How and when the response finished.
     end: OnceLock<Outcome>,
+    /// What the handler left for the callbacks (`After::insert`).
+    pub(crate) data: Data,
     config: Arc<Config>,
     scope: Scope<Job>,
     /// The platform that served the request, if it freezes the process between invocations
@@ -133,9 +134,9 @@ impl Inflight {
     pub(crate) fn open(snapshot: RequestSnapshot, config: &Arc<Config>) -> Arc<Self> {
         let inflight = Arc::new(Self {
             snapshot,
-            entered: Instant::now(),
             terms: Terms(AtomicU64::new(0)),
             end: OnceLock::new(),
+            data: Data::default(),
             config: config.clone(),
             scope: Scope::new(),
             host: host::current(),
@@ -165,39 +166,56 @@ impl Inflight {
     }
 
     /// Registers `callback`, or refuses it when the layer holds its maximum of pending
-    /// callbacks (`AfterLayer::max_pending`).
+    /// callbacks (`AfterLayer::max_pending`). `site`: the code that registered it.
     pub(crate) fn register<C: Callback + 'static>(
         self: &Arc<Self>,
         callback: C,
         name: Option<Cow<'static, str>>,
         start: Start,
+        site: &'static Location<'static>,
     ) -> Result<(), Overloaded> {
+        let ticket = self.admit(name.as_deref())?;
+        self.enqueue(ticket, callback, name, start, site);
+        Ok(())
+    }
+
+    /// A place for one more callback (under `name`, if it has one), or why not.
+    pub(crate) fn admit(&self, name: Option<&str>) -> Result<Ticket, Overloaded> {
         // A replacement takes the place of the job it replaces: it never counts against the
         // bound (give or take the driver taking the old one meanwhile).
-        let replacing = name
-            .as_deref()
-            .is_some_and(|name| self.scope.holds_named(name));
+        let replacing = name.is_some_and(|name| self.scope.holds_named(name));
         let bound = self
             .config
             .max_pending
             .saturating_add(usize::from(replacing));
-        let ticket = self.ticket(name.as_deref(), bound)?;
-        let span = callback_span(&self.snapshot, name.as_deref());
+        self.ticket(name, bound)
+    }
+
+    /// Hands `callback`, admitted with `ticket`, to the request's driver.
+    pub(crate) fn enqueue<C: Callback + 'static>(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        callback: C,
+        name: Option<Cow<'static, str>>,
+        start: Start,
+        site: &'static Location<'static>,
+    ) {
+        let span = callback_span(&self.snapshot, name.as_deref(), Some(site));
         // A request's first callback rides in a driver of its own, spawned now: one task and no
         // other allocation. Only from the request's own task (its handler, or its callbacks),
         // so that the driver lives on the runtime that serves the request, not on a temporary or
         // timer-less one that some helper registered from. Named ones are queued, where a later
         // registration or `forget` can still reach them, and so is work registered elsewhere.
-        // With an `on_response` hook, everything is queued: the hook, queued when the response
+        // With an `after_each` hook, everything is queued: the hook, queued when the response
         // finishes, starts first.
-        if name.is_none() && self.config.on_response.is_none() && self.is_current() {
+        if name.is_none() && self.config.after_each.is_none() && self.is_current() {
             if let Ok(runtime) = Handle::try_current() {
                 if self.scope.claim() {
                     let first = Running::new(callback, span, None, ticket, self.context());
                     let driver = Driver::new(self.clone(), Some(first), start);
                     self.shared().serving().remember(&runtime);
                     runtime.spawn(CURRENT.scope(self.clone(), driver));
-                    return Ok(());
+                    return;
                 }
             }
         }
@@ -208,7 +226,6 @@ impl Inflight {
         if let Some(replaced) = replaced {
             replaced.end(Ended::Forgotten, &self.snapshot);
         }
-        Ok(())
     }
 
     pub(crate) fn forget(&self, name: &str) -> bool {
@@ -227,29 +244,26 @@ impl Inflight {
         status: Option<StatusCode>,
         completion: Completion,
         body_bytes: u64,
+        entered: Instant,
     ) {
         let now = Instant::now();
         let outcome = Outcome {
             status,
             completion,
             body_bytes,
-            elapsed: now.saturating_duration_since(self.entered),
+            elapsed: now.saturating_duration_since(entered),
             finished_at: now.into_std(),
         };
         let first = self.end.set(outcome).is_ok();
         debug_assert!(first, "a request finishes once");
         // The hook counts from now, not from the request's start: responses still being sent
         // (streams, long polls) hold no place under `max_pending`.
-        let hook = self.config.on_response.as_ref().and_then(|hook| {
+        let hook = self.config.after_each.as_ref().and_then(|(hook, site)| {
             let ticket = self.ticket(None, self.config.max_pending).ok()?;
             let hook = hook.clone();
             let callback: BoxCallback = Box::pin(WithContext::new(move |ctx| hook(ctx)));
-            Some(Job::new(
-                callback,
-                callback_span(&self.snapshot, None),
-                None,
-                ticket,
-            ))
+            let span = callback_span(&self.snapshot, None, Some(site));
+            Some(Job::new(callback, span, None, ticket))
         });
         match &self.host {
             Some(host) => {
@@ -279,21 +293,22 @@ impl Inflight {
             .map_err(|refused| {
                 if let Some(count) = refused.warn {
                     let (method, path) = (self.snapshot.method(), self.snapshot.path());
+                    let request_id = self.snapshot.request_id();
                     match refused.why {
                         Refusal::Overloaded => tracing::warn!(
-                            %method, path, name, refused = count,
+                            %method, path, request_id, name, refused = count,
                             "after callback refused: the layer holds its maximum of {max_pending} \
                              pending callbacks (raise `AfterLayer::max_pending`, or lower the load \
                              or the callbacks' max duration)"
                         ),
                         Refusal::HeldBytes => tracing::warn!(
-                            %method, path, name, refused = count,
+                            %method, path, request_id, name, refused = count,
                             "after callback refused: pending work holds the layer's maximum of \
                              {max_held_bytes} bytes of request snapshots (keep fewer headers with \
                              `AfterLayer::snapshot`, or raise `AfterLayer::max_held_bytes`)"
                         ),
                         Refusal::ShutDown => tracing::warn!(
-                            %method, path, name, refused = count,
+                            %method, path, request_id, name, refused = count,
                             "after callback refused: the layer was shut down and its grace period \
                              ran out"
                         ),
@@ -349,6 +364,7 @@ impl Inflight {
             tracing::error!(
                 method = %self.snapshot.method(),
                 path = self.snapshot.path(),
+                request_id = self.snapshot.request_id(),
                 cancelled = count,
                 "after callbacks dropped: no Tokio runtime is running on this thread \
                  (poll and drop the response inside the runtime that serves it)"
@@ -412,14 +428,51 @@ impl Finished for Inflight {
             .get()
             .expect("an AfterContext reads its outcome only once the response finished")
     }
+
+    fn deadline(&self) -> Option<std::time::Instant> {
+        Inflight::deadline(self).map(Instant::into_std)
+    }
+
+    fn data(&self) -> &Data {
+        &self.data
+    }
+
+    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let draining = self.shared().draining();
+        // Made before the flag is read: it hears every firing from then on.
+        let drain = draining.fired();
+        if draining.is_fired() {
+            return Box::pin(std::future::ready(()));
+        }
+        let notice = Inflight::deadline(self).map(|deadline| {
+            let budget = self.budget();
+            deadline - (budget / 10).min(NOTICE)
+        });
+        Box::pin(async move {
+            match notice {
+                Some(notice) => {
+                    let sleep = std::pin::pin!(tokio::time::sleep_until(notice));
+                    futures_util::future::select(std::pin::pin!(drain), sleep).await;
+                }
+                None => drain.await,
+            }
+        })
+    }
 }
+
+/// How long before its deadline at most a callback is told to wrap up (`AfterContext::stopping`).
+const NOTICE: Duration = Duration::from_secs(1);
 
 /// The span a callback runs in: its own, with no parent, so that a pending callback never keeps
 /// the request's span open. It *follows from* the span current where it was registered (a link,
 /// in OpenTelemetry's terms), and names the request, so its lines can be traced back to it.
 /// Created only if a subscriber is interested in it: without one, even a disabled span costs
 /// hundreds of instructions (tracing's `log` fallback, the link, its drop), for every callback.
-fn callback_span(request: &RequestSnapshot, name: Option<&str>) -> Span {
+fn callback_span(
+    request: &RequestSnapshot,
+    name: Option<&str>,
+    site: Option<&'static Location<'static>>,
+) -> Span {
     if !tracing::level_enabled!(tracing::Level::INFO) {
         return Span::none();
     }
@@ -428,7 +481,9 @@ fn callback_span(request: &RequestSnapshot, name: Option<&str>) -> Span {
         "after",
         method = %request.method(),
         path = request.path(),
+        request_id = request.request_id(),
         name,
+        site = site.map(tracing::field::display),
     );
     span.follows_from(Span::current());
     span
@@ -473,22 +528,23 @@ pin_project! {
                 job.end(Ended::Cancelled, &this.inflight.snapshot);
             }
             let (method, path) = (this.inflight.snapshot.method(), this.inflight.snapshot.path());
+            let request_id = this.inflight.snapshot.request_id();
             if *this.arming {
                 // Tokio panicked arming the timer: the runtime has no time driver.
                 tracing::error!(
-                    %method, path, cancelled = count,
+                    %method, path, request_id, cancelled = count,
                     "after callbacks dropped: they need Tokio's time driver \
                      (call `enable_time` or `enable_all` on the runtime builder)"
                 );
             } else if this.inflight.shared().shutdown().is_fired() {
                 // Written off by a shutdown, which said so for all of them.
                 tracing::debug!(
-                    %method, path, cancelled = count,
+                    %method, path, request_id, cancelled = count,
                     "after callbacks dropped with their runtime, after the shutdown wrote them off"
                 );
             } else if count > 0 {
                 tracing::warn!(
-                    %method, path, cancelled = count,
+                    %method, path, request_id, cancelled = count,
                     "after callbacks dropped: the runtime shut down before they ended"
                 );
             }
@@ -679,6 +735,7 @@ fn stop<C: Callback>(
         tracing::warn!(
             method = %inflight.snapshot.method(),
             path = inflight.snapshot.path(),
+            request_id = inflight.snapshot.request_id(),
             cancelled = count,
             "after callbacks cancelled: {why}"
         );
@@ -847,7 +904,7 @@ mod tests {
     #[tokio::test]
     async fn a_callback_that_returns_an_error_is_logged_and_counted_as_failed() {
         let logs = Logs::capture();
-        let layer = AfterLayer::new().on_response(|ctx| async move {
+        let layer = AfterLayer::new().after_each(|ctx| async move {
             // A hook can fail too, and `?` works in it.
             let path = ctx.request().path().to_owned();
             std::fs::metadata(format!("/nonexistent/{path}"))?;
@@ -1601,8 +1658,8 @@ mod tests {
         let record = refusal.clone();
         let service = layer.layer(service_fn(move |request: Request<()>| {
             let after = request.extensions().get::<After>().unwrap().clone();
-            let result = after.try_run_with(|_| std::future::pending::<()>());
-            *record.lock().unwrap() = Some(result);
+            let result = after.try_run(std::future::pending::<()>());
+            *record.lock().unwrap() = Some(result.map_err(|refused| refused.with_work(())));
             async { Ok::<_, Infallible>(Response::new(TestBody::new(&["chunk"], Then::Pending))) }
         }));
         let request = Request::builder()

@@ -1,7 +1,7 @@
 //! The axum extractor for [`After`], and its rejection.
 
-use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
-use axum_core::response::{IntoResponse, Response};
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::StatusCode;
 use std::convert::Infallible;

@@ -1,7 +1,6 @@
 //! [`ResponseFuture`]: where a response that never came is noticed.
 
 use std::future::Future;
-use std::mem;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -67,8 +66,10 @@ where
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(response)) => {
-                let finisher =
-                    mem::take(this.finisher).responded(response.status(), response.headers());
+                let finisher = this
+                    .finisher
+                    .take()
+                    .responded(response.status(), response.headers());
                 Poll::Ready(Ok(response.map(|body| AfterBody::new(body, finisher))))
             }
             Poll::Ready(Err(error)) => {

@@ -1,8 +1,10 @@
 //! [`After`]: the handle a handler uses to schedule work for after its response.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
+use std::panic::Location;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,6 +160,27 @@ impl After {
         &self.inflight.snapshot
     }
 
+    /// Leaves `value` for this request's callbacks and its
+    /// [`after_each`](crate::AfterLayer::after_each) hook, which read it with
+    /// [`AfterContext::get`]: typed data from the handler to the work after it, such as the user
+    /// id for an access log. One value per type, like request extensions: inserting a second
+    /// one of the same type replaces the first, which is handed back.
+    ///
+    /// ```
+    /// use tower_after::After;
+    ///
+    /// struct UserId(u64);
+    ///
+    /// async fn profile(later: After) -> &'static str {
+    ///     let user = UserId(42); // from the session, a token...
+    ///     later.insert(user);
+    ///     "profile"
+    /// }
+    /// ```
+    pub fn insert<T: Any + Send + Sync>(&self, value: T) -> Option<Arc<T>> {
+        self.inflight.data.insert(value)
+    }
+
     /// Runs `future` once the response has finished.
     ///
     /// The future is not polled before then. Registered after the response finished (from a
@@ -170,6 +193,7 @@ impl After {
     /// });
     /// # }
     /// ```
+    #[track_caller]
     pub fn run<F: AfterWork>(&self, future: F) {
         self.register(Plain::new(future), None, Start::AfterResponse);
     }
@@ -185,11 +209,11 @@ impl After {
     /// });
     /// # }
     /// ```
+    #[track_caller]
     pub fn run_with<C, F>(&self, callback: C)
     where
         C: FnOnce(AfterContext) -> F + Send + 'static,
-        F: Future + Send + 'static,
-        F::Output: AfterOutput,
+        F: AfterWork,
     {
         let callback = WithContext::new(callback);
         self.register(callback, None, Start::AfterResponse);
@@ -210,11 +234,11 @@ impl After {
     /// later.run_named("warm-cache", |_ctx| async { /* this one runs */ });
     /// # }
     /// ```
+    #[track_caller]
     pub fn run_named<C, F>(&self, name: impl Into<Cow<'static, str>>, callback: C)
     where
         C: FnOnce(AfterContext) -> F + Send + 'static,
-        F: Future + Send + 'static,
-        F::Output: AfterOutput,
+        F: AfterWork,
     {
         let callback = WithContext::new(callback);
         self.register(callback, Some(name.into()), Start::AfterResponse);
@@ -255,6 +279,7 @@ impl After {
     /// });
     /// # }
     /// ```
+    #[track_caller]
     pub fn run_blocking<C, R>(&self, callback: C)
     where
         C: FnOnce(AfterContext) -> R + Send + 'static,
@@ -276,20 +301,52 @@ impl After {
     /// later.wait_until(async { save("draft").await });
     /// # }
     /// ```
+    #[track_caller]
     pub fn wait_until<F: AfterWork>(&self, future: F) {
         self.register(Plain::new(future), None, Start::Now);
     }
 
-    /// Like [`After::run_with`], and says whether the work was accepted: under overload, when
-    /// the layer already holds its [maximum of pending
-    /// callbacks](crate::AfterLayer::max_pending), it is refused (and dropped) rather than
-    /// queued. Every other way of registering work is refused the same way, counted in
+    /// Like [`After::run`], and says whether the work was accepted. When the layer refuses it
+    /// (it already holds its [maximum of pending callbacks](crate::AfterLayer::max_pending) or
+    /// [of snapshot bytes](crate::AfterLayer::max_held_bytes), or it was shut down), the error
+    /// hands the future back, unpolled, so the caller can run it now, answer `503`, or drop it.
+    /// Every other way of registering work is refused the same way, counted in
     /// [`AfterStats::shed`](crate::AfterStats::shed) and logged, without telling the caller.
+    ///
+    /// ```
+    /// # async fn send_receipt() {}
+    /// # async fn example(later: tower_after::After) {
+    /// if let Err(refused) = later.try_run(send_receipt()) {
+    ///     // Overloaded: send it before answering instead.
+    ///     refused.into_work().await;
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Overloaded`], carrying `future`, when the layer refuses new work.
+    #[track_caller]
+    pub fn try_run<F: AfterWork>(&self, future: F) -> Result<(), Overloaded<F>> {
+        match self.inflight.admit(None) {
+            Ok(ticket) => {
+                let work = Plain::new(future);
+                let site = Location::caller();
+                self.inflight
+                    .enqueue(ticket, work, None, Start::AfterResponse, site);
+                Ok(())
+            }
+            Err(refused) => Err(refused.with_work(future)),
+        }
+    }
+
+    /// Like [`After::run_with`], and says whether the work was accepted: see [`After::try_run`].
+    /// When refused, the error hands the closure back, uncalled.
     ///
     /// ```
     /// # async fn example(later: tower_after::After) -> Result<&'static str, &'static str> {
     /// if later.try_run_with(|ctx| async move { /* send the receipt */ }).is_err() {
-    ///     // Overloaded: do it now, or answer 503.
+    ///     // Overloaded: answer 503 rather than accept an order without its receipt.
     ///     return Err("busy, try again");
     /// }
     /// # Ok("ok")
@@ -298,25 +355,37 @@ impl After {
     ///
     /// # Errors
     ///
-    /// [`Overloaded`] when the layer holds its maximum of pending callbacks.
-    pub fn try_run_with<C, F>(&self, callback: C) -> Result<(), Overloaded>
+    /// [`Overloaded`], carrying `callback`, when the layer refuses new work.
+    #[track_caller]
+    pub fn try_run_with<C, F>(&self, callback: C) -> Result<(), Overloaded<C>>
     where
         C: FnOnce(AfterContext) -> F + Send + 'static,
-        F: Future + Send + 'static,
-        F::Output: AfterOutput,
+        F: AfterWork,
     {
-        let callback = WithContext::new(callback);
-        self.inflight.register(callback, None, Start::AfterResponse)
+        match self.inflight.admit(None) {
+            Ok(ticket) => {
+                let work = WithContext::new(callback);
+                let site = Location::caller();
+                self.inflight
+                    .enqueue(ticket, work, None, Start::AfterResponse, site);
+                Ok(())
+            }
+            Err(refused) => Err(refused.with_work(callback)),
+        }
     }
 
+    #[track_caller]
     fn register<C: Callback + 'static>(
         &self,
         callback: C,
         name: Option<Cow<'static, str>>,
         start: Start,
     ) {
-        // Refused under overload: counted and logged; `try_run_with` tells its caller.
-        let _ = self.inflight.register(callback, name, start);
+        // Refused under overload: counted and logged; `try_run` and `try_run_with` tell their
+        // caller.
+        let _ = self
+            .inflight
+            .register(callback, name, start, Location::caller());
     }
 }
 
@@ -361,6 +430,7 @@ pub fn after<F: AfterWork>(future: F) {
 /// # Errors
 ///
 /// The work itself, unregistered, when no request is in scope.
+#[track_caller]
 pub fn try_after<F: AfterWork>(future: F) -> Result<(), F> {
     match After::try_current() {
         Some(after) => {
@@ -371,27 +441,33 @@ pub fn try_after<F: AfterWork>(future: F) -> Result<(), F> {
     }
 }
 
-/// What [`After::run`], [`After::wait_until`], [`after()`] and [`try_after()`] accept: a future
-/// that returns `()` or `Result<(), E>` ([`AfterOutput`]), is `Send` and owns what it uses
-/// (`'static`). Every such future is one.
+/// After-response work: a future that returns `()` or `Result<(), E>` ([`AfterOutput`]), is
+/// `Send` and owns what it uses (`'static`). Every such future is one.
 ///
-/// It exists for the error message when a closure is passed instead, as Next.js's
-/// `after(() => ..)` invites: a closure that receives the request's context goes to
-/// [`After::run_with`].
+/// [`After::run`], [`After::try_run`], [`After::wait_until`], [`after()`] and [`try_after()`]
+/// take one; [`After::run_with`], [`After::try_run_with`], [`After::run_named`] and
+/// [`AfterLayer::after_each`](crate::AfterLayer::after_each) take a closure that returns one.
+/// The trait exists for the compiler's error message when something else is passed: a closure
+/// where a future goes, as Next.js's `after(() => ..)` invites, or a closure that does its work
+/// synchronously where it should return an `async move` block.
 ///
 /// ```compile_fail
 /// # fn example(later: tower_after::After) {
 /// later.run(|ctx| async move { let _ = ctx; }); // a closure: use `run_with`
 /// # }
 /// ```
+///
+/// ```compile_fail
+/// // Synchronous: the hook must return a future, `|ctx| async move { .. }`.
+/// let layer = tower_after::AfterLayer::new().after_each(|ctx| println!("{ctx:?}"));
+/// ```
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` is not a future that `After::run` can run",
+    message = "`{Self}` is not after-response work: a future that returns `()` or `Result<(), E>`",
     label = "expected a future, such as `async move {{ .. }}`",
-    note = "for a closure that receives the request's context, as Next.js's `after(() => ..)`, \
-            use `After::run_with(|ctx| async move {{ .. }})`, or in a helper without the handle \
-            `After::current().run_with(..)`",
-    note = "the work must be a future that returns `()` or `Result<(), E>`, is `Send` and owns \
-            what it uses (`async move`)"
+    note = "`run`, `wait_until` and `after()` take a future: `async move {{ .. }}`; `run_with`, \
+            `run_named`, `try_run_with` and `AfterLayer::after_each` take a closure that returns \
+            one: `|ctx| async move {{ .. }}`",
+    note = "the future must be `Send` and own what it uses (`async move`)"
 )]
 pub trait AfterWork: Future<Output: AfterOutput> + Send + 'static {}
 

@@ -138,10 +138,10 @@ impl DrainLayer {
 }
 
 impl<S> Layer<S> for DrainLayer {
-    type Service = DrainService<S>;
+    type Service = Drain<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        DrainService {
+        Drain {
             inner,
             shared: self.shared.clone(),
         }
@@ -157,12 +157,12 @@ impl fmt::Debug for DrainLayer {
 /// The service made by [`DrainLayer`]: see there.
 #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
 #[derive(Clone)]
-pub struct DrainService<S> {
+pub struct Drain<S> {
     inner: S,
     shared: Arc<Shared>,
 }
 
-impl<S> DrainService<S> {
+impl<S> Drain<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -179,15 +179,15 @@ impl<S> DrainService<S> {
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for DrainService<S> {
+impl<S: fmt::Debug> fmt::Debug for Drain<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DrainService")
+        f.debug_struct("Drain")
             .field("inner", &self.inner)
             .finish_non_exhaustive()
     }
 }
 
-impl<S> Service<LambdaInvocation> for DrainService<S>
+impl<S> Service<LambdaInvocation> for Drain<S>
 where
     S: Service<LambdaInvocation>,
 {
@@ -245,10 +245,10 @@ fn cap(deadline: SystemTime) -> Option<Instant> {
     }
 }
 
-type Drain = Pin<Box<dyn Future<Output = ()> + Send>>;
+type Draining = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pin_project! {
-    /// Response future of [`DrainService`]: the invocation, up to the post of its response,
+    /// Response future of [`Drain`]: the invocation, up to the post of its response,
     /// then its after-work.
     #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
     pub struct DrainFuture<F>
@@ -261,7 +261,7 @@ pin_project! {
         hold: Option<Hold>,
         cap: Option<Instant>,
         // Once the response is posted, while work runs: the invocation's outcome, and the wait.
-        draining: Option<(F::Output, Drain)>,
+        draining: Option<(F::Output, Draining)>,
     }
 }
 

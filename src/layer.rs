@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::Location;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,8 +17,8 @@ use tokio::sync::Semaphore;
 
 use crate::callback::{finished, RunResult};
 use crate::driver::Config;
-use crate::AfterOutput;
-use crate::{After, AfterContext, AfterService, AfterTasks, SnapshotConfig};
+use crate::service::RouteBudget;
+use crate::{After, AfterContext, AfterService, AfterTasks, AfterWork, SnapshotConfig};
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see
 /// [`After`].
@@ -76,7 +77,7 @@ impl AfterLayer {
                 max_duration: Self::DEFAULT_MAX_DURATION,
                 limit: None,
                 limit_size: None,
-                on_response: None,
+                after_each: None,
                 max_pending: Self::DEFAULT_MAX_PENDING,
                 snapshot: SnapshotConfig::new(),
                 max_held_bytes: Self::DEFAULT_MAX_HELD_BYTES,
@@ -159,7 +160,7 @@ impl AfterLayer {
     ///         completion = %ctx.outcome().completion(), "audit");
     /// }
     ///
-    /// let layer = AfterLayer::new().on_response(audit);
+    /// let layer = AfterLayer::new().after_each(audit);
     /// ```
     ///
     /// A hook that writes somewhere captures what it writes with (a database pool, a client).
@@ -183,7 +184,7 @@ impl AfterLayer {
     /// let pool = Pool;
     /// let layer = AfterLayer::new()
     ///     .concurrency_limit(16)
-    ///     .on_response(move |ctx| {
+    ///     .after_each(move |ctx| {
     ///         let pool = pool.clone(); // one per call: the future owns it
     ///         async move {
     ///             let status = ctx.outcome().status().map(|status| status.as_u16());
@@ -194,22 +195,25 @@ impl AfterLayer {
     ///
     /// The hook starts before the request's other callbacks. It is counted from the end of its
     /// response, like them: a response still being sent (a stream, a long poll) holds no place
-    /// under [`max_pending`](AfterLayer::max_pending). Calling `on_response` again replaces the
+    /// under [`max_pending`](AfterLayer::max_pending). Calling `after_each` again replaces the
     /// hook. Each request then costs one more small allocation and a callback start, measured in
     /// `BENCHMARKS.md`.
     ///
+    /// It is named after test frameworks' `afterEach`, not tower-http's
+    /// `TraceLayer::on_response`: that one is called synchronously as soon as the response's
+    /// *head* is ready, while this one runs once the whole response has ended.
     #[must_use]
-    pub fn on_response<C, F>(mut self, hook: C) -> Self
+    #[track_caller]
+    pub fn after_each<C, F>(mut self, hook: C) -> Self
     where
         C: Fn(AfterContext) -> F + Send + Sync + 'static,
-        F: Future + Send + 'static,
-        F::Output: AfterOutput,
+        F: AfterWork,
     {
         let hook = move |ctx| -> Pin<Box<dyn Future<Output = RunResult> + Send>> {
             let future = hook(ctx);
             Box::pin(async move { finished(future.await) })
         };
-        Arc::make_mut(&mut self.config).on_response = Some(Arc::new(hook));
+        Arc::make_mut(&mut self.config).after_each = Some((Arc::new(hook), Location::caller()));
         self
     }
 
@@ -218,7 +222,7 @@ impl AfterLayer {
     /// limit](AfterLayer::concurrency_limit), or running. Beyond it, new work is refused and
     /// dropped (the oldest is kept): counted in [`AfterStats::shed`](crate::AfterStats::shed),
     /// logged at `WARN` at most once a second with the route and the count, and reported to
-    /// [`After::try_run_with`] callers.
+    /// [`After::try_run`] callers, with the work.
     ///
     /// Callbacks live in memory: a burst of requests whose callbacks wait (for a slow database,
     /// for a place under the limit) must not grow the server until the kernel kills it. The
@@ -228,7 +232,7 @@ impl AfterLayer {
     /// drains its callbacks as fast as it takes requests comes near it. `usize::MAX` means no
     /// bound.
     ///
-    /// A request's [`on_response`](AfterLayer::on_response) hook takes its place when the
+    /// A request's [`after_each`](AfterLayer::after_each) hook takes its place when the
     /// response ends, so open streams and long polls hold none. A
     /// [`run_named`](crate::After::run_named) registration that replaces a queued callback takes
     /// its place and is never refused. Once a shutdown's grace ran out, new work is refused as
@@ -271,7 +275,7 @@ impl AfterLayer {
     /// A request's snapshot counts from its first callback until its last one ended. Beyond
     /// the bound, new work is refused like work beyond [`max_pending`](AfterLayer::max_pending):
     /// counted in [`AfterStats::shed`](crate::AfterStats::shed), logged at `WARN` once a second
-    /// with the count, and reported to [`After::try_run_with`] callers. With the default
+    /// with the count, and reported to [`After::try_run`] callers. With the default
     /// snapshot cap of 16 KiB, a client sending the largest headers hyper accepts pins at most
     /// this much, whatever it sends; [`AfterStats::held_bytes`](crate::AfterStats::held_bytes)
     /// says how much is held now.
@@ -318,7 +322,7 @@ impl fmt::Debug for AfterLayer {
         f.debug_struct("AfterLayer")
             .field("max_duration", &self.config.max_duration)
             .field("concurrency_limit", &self.config.limit_size)
-            .field("on_response", &self.config.on_response.is_some())
+            .field("after_each", &self.config.after_each.is_some())
             .field("max_pending", &self.config.max_pending)
             .field("snapshot", &self.config.snapshot)
             .field("max_held_bytes", &self.config.max_held_bytes)
@@ -330,7 +334,7 @@ impl fmt::Debug for AfterLayer {
 /// A [`Layer`] that sets the budget of the after-response work of the requests it wraps,
 /// overriding the one of [`AfterLayer`]: the counterpart of Next.js's `maxDuration` route config.
 ///
-/// It must sit inside `AfterLayer`; on a single route that is the natural place:
+/// On a single route:
 ///
 /// ```
 /// use std::time::Duration;
@@ -344,7 +348,9 @@ impl fmt::Debug for AfterLayer {
 ///     .layer(AfterLayer::new().max_duration(Duration::from_secs(10)));
 /// ```
 ///
-/// The innermost `MaxDuration` a request passes wins. Outside `AfterLayer` it has no effect.
+/// It works on either side of `AfterLayer`: inside, it sets the budget of the request's work;
+/// outside (added after `AfterLayer`, or around the whole router), it leaves the budget in the
+/// request for `AfterLayer` to take up. The innermost `MaxDuration` a request passes wins.
 ///
 /// Unlike Next.js's `maxDuration`, it bounds only the work *after* the response, not the
 /// request's own handling: for that, put a `TimeoutLayer` on the route.
@@ -373,8 +379,14 @@ impl<S> Layer<S> for MaxDuration {
     }
 }
 
-/// The service made by [`MaxDuration`]: it sets the budget of the request's callbacks, then
-/// calls the inner service.
+/// The service made by [`MaxDuration`]: it sets the budget of the request's callbacks (or, outside
+/// [`AfterLayer`], leaves it in the request for the layer), then calls the inner service.
+///
+/// tower-http names a layer `XLayer` and its service `X<S>`, and so does this crate
+/// ([`RunToEndLayer`](crate::RunToEndLayer) makes [`RunToEnd`](crate::RunToEnd)), except where
+/// `X` already names what users write: [`After`] is the handle, so [`AfterLayer`] makes
+/// [`AfterService`]; `MaxDuration` is the route setting users write, like axum's `Extension`, so
+/// its service is `MaxDurationService`.
 ///
 /// ```
 /// use std::time::Duration;
@@ -410,38 +422,26 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         match request.extensions().get::<After>() {
+            // Inside `AfterLayer`: the request's budget.
             Some(after) => after.set_budget(self.max_duration),
-            None => warn_misplaced(),
+            // Outside: left in the request, for `AfterLayer` to take up.
+            None => {
+                request
+                    .extensions_mut()
+                    .insert(RouteBudget(self.max_duration));
+            }
         }
         self.inner.call(request)
     }
 }
 
-/// Says once per process, at `WARN`, that a `MaxDuration` sits outside `AfterLayer`: a mistake
-/// in the code, not something requests cause, so repeating it for each request adds nothing.
-fn warn_misplaced() {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    WARNED.call_once(|| {
-        tracing::warn!(
-            "`MaxDuration` has no effect outside `AfterLayer`: add `AfterLayer` after it \
-             (`.route(..).layer(MaxDuration::new(..))`, then `.layer(AfterLayer::new())` on the \
-             router), or move `MaxDuration` inside it in a `ServiceBuilder`"
-        );
-    });
-}
-
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
     use std::time::Duration;
 
-    use http::{Request, Response};
-    use tower::{service_fn, Layer, ServiceExt};
-
-    use super::{AfterLayer, MaxDuration};
-    use crate::test_util::Logs;
+    use super::AfterLayer;
 
     #[test]
     fn debug_shows_the_settings() {
@@ -451,24 +451,5 @@ mod tests {
         let debug = format!("{layer:?}");
         assert!(debug.contains("concurrency_limit: Some(64)"), "{debug}");
         assert!(debug.contains("max_duration: 5s"), "{debug}");
-    }
-
-    #[tokio::test]
-    async fn a_max_duration_outside_the_layer_warns_once_naming_the_fix() {
-        let logs = Logs::capture();
-        let service =
-            MaxDuration::new(Duration::from_secs(1)).layer(service_fn(|_: Request<()>| async {
-                Ok::<_, Infallible>(Response::new(()))
-            }));
-        for _ in 0..3 {
-            service.clone().oneshot(Request::new(())).await.unwrap();
-        }
-        let warnings = logs.lines_with("`MaxDuration` has no effect outside `AfterLayer`");
-        // Once per process: another test may have said it first.
-        assert!(warnings.len() <= 1, "{warnings:?}");
-        assert!(
-            warnings.iter().all(|line| line.contains("WARN")),
-            "{warnings:?}"
-        );
     }
 }

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     idle: Notify,
     /// Fired once a shutdown's grace ran out: every driver stops its work.
     shutdown: StopSignal,
+    /// Fired when a shutdown starts: callbacks that asked (`AfterContext::stopping`) wrap up.
+    draining: StopSignal,
     /// One drain at a time, so that two shutdowns never report the same callback.
     pub(crate) drain: tokio::sync::Mutex<()>,
     /// The runtime that serves the layer: where work registered off it runs.
@@ -322,6 +324,11 @@ impl Shared {
     /// Fired once a shutdown's grace ran out.
     pub(crate) fn shutdown(&self) -> &StopSignal {
         &self.shutdown
+    }
+
+    /// Fired as a shutdown starts.
+    pub(crate) fn draining(&self) -> &StopSignal {
+        &self.draining
     }
 
     /// The runtime that serves the layer.

@@ -70,8 +70,8 @@
 //! }
 //! ```
 //!
-//! Without axum, read [`After`] from the request extensions. This crate supports axum 0.8
-//! (through axum-core 0.5), Tower 0.5, hyper 1 and Tokio 1.
+//! Without axum, read [`After`] from the request extensions. This crate supports axum 0.8,
+//! Tower 0.5, hyper 1 and Tokio 1.
 //!
 //! # The mental model
 //!
@@ -102,6 +102,33 @@
 //! never inside the server's poll of the response or its `Drop`: they run on a Tokio task of their
 //! own, so a slow callback delays neither its response nor the next request on the connection.
 //! A panicking callback is caught and logged (`ERROR`, with method and path); the others still run.
+//!
+//! # Ways to register work
+//!
+//! Every way takes work that returns `()` or `Result<(), E>` ([`AfterOutput`]: an `Err` is
+//! logged at `ERROR` and counted as [`failed`](AfterStats::failed)), and all of it runs under
+//! the request's budget, the layer's concurrency limit and its shutdown drain. `try_` always
+//! means the same: the fallible form, which hands the work back instead of panicking or dropping
+//! it.
+//!
+//! | call | takes | starts | returns | when the layer refuses it (full, or shut down) |
+//! |---|---|---|---|---|
+//! | [`After::run`] | a future | once the response ended | nothing | shed: counted in [`AfterStats::shed`], logged |
+//! | [`After::run_with`] | a closure given the [`AfterContext`], returning a future | once the response ended | nothing | shed |
+//! | [`After::try_run`], [`After::try_run_with`] | as `run`, `run_with` | once the response ended | `Result<(), `[`Overloaded<W>`](Overloaded)`>` | `Err`, with the work handed back |
+//! | [`After::run_named`] | a name and a closure | once the response ended; until then, a later one of the same name replaces it | nothing | shed (a replacement is never refused) |
+//! | [`After::forget`] | a name | (removes a named one not yet started) | whether it found one | |
+//! | [`After::run_blocking`] | a synchronous closure | once the response ended, on the blocking pool | nothing | shed |
+//! | [`After::wait_until`] | a future | now | nothing | shed |
+//! | [`after()`] | a future | once the response ended | nothing; panics outside a request | shed |
+//! | [`try_after()`] | a future | once the response ended | `Result<(), F>`: the work back outside a request | shed |
+//! | [`AfterLayer::after_each`] | a closure, called for every response | once the response ended, before the request's own work | | shed |
+//!
+//! A callback learns about its request through [`AfterContext`]: the [`RequestSnapshot`] (with
+//! the [route template](RequestSnapshot::matched_path) under axum), the [`Outcome`], typed data
+//! the handler left with [`After::insert`] ([`AfterContext::get`]), its
+//! [`deadline`](AfterContext::deadline), and [`stopping`](AfterContext::stopping), which tells it
+//! to wrap up before a shutdown or its budget stops it.
 //!
 //! # Next.js → tower-after
 //!

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -80,6 +81,7 @@ where
                 tracing::warn!(
                     method = %snapshot.method(),
                     path = snapshot.path(),
+                    request_id = snapshot.request_id(),
                     truncated = count,
                     "request snapshot truncated: the request is larger than the snapshot's cap of \
                      {} bytes (callbacks see it as `truncated()`; raise \
@@ -89,6 +91,10 @@ where
             }
         }
         let inflight = Inflight::open(snapshot, &self.config);
+        // A `MaxDuration` outside the layer left the route's budget.
+        if let Some(RouteBudget(budget)) = request.extensions().get() {
+            inflight.set_budget(*budget);
+        }
         request
             .extensions_mut()
             .insert(After::new(inflight.clone()));
@@ -100,6 +106,11 @@ where
         ResponseFuture::new(CURRENT.scope(inflight, inner), finisher)
     }
 }
+
+/// A budget that a [`MaxDuration`](crate::MaxDuration) outside the layer left in the request,
+/// taken up as the request enters the layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteBudget(pub(crate) Duration);
 
 impl<S: std::fmt::Debug> std::fmt::Debug for AfterService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -85,11 +85,12 @@ impl SnapshotConfig {
 
     /// Keeps only the headers called `names` (all their values), and skips the others without
     /// copying them: cheaper than keeping all, for a few names. Under the cap, earlier names
-    /// come first. An empty list keeps no header.
+    /// come first. `x-request-id` is always kept, after them: the crate's own log lines and
+    /// spans name the request by it.
     #[must_use]
     pub fn keep_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let mut unique = Vec::new();
-        for name in names {
+        for name in names.into_iter().chain([REQUEST_ID]) {
             // Listed twice, a header would be copied twice.
             if !unique.contains(&name) {
                 unique.push(name);
@@ -161,9 +162,26 @@ pub struct RequestSnapshot {
     raw: Box<[u8]>,
     /// Within the cap, itself at most `u32::MAX`.
     target_len: u32,
+    /// The route template the router matched, stored right after the target; 0 for none.
+    route_len: u16,
     /// Rebuilt on first use; boxed so that an unused one costs a pointer, not its size.
     uri: OnceLock<Box<Uri>>,
     headers: OnceLock<Box<HeaderMap>>,
+}
+
+/// The request id header that the crate's log lines and spans name.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The route template that axum's router matched, if it ran before the layer.
+#[cfg(feature = "axum")]
+fn matched_route<B>(request: &Request<B>) -> Option<&str> {
+    let matched = request.extensions().get::<axum::extract::MatchedPath>()?;
+    Some(matched.as_str())
+}
+
+#[cfg(not(feature = "axum"))]
+fn matched_route<B>(_: &Request<B>) -> Option<&str> {
+    None
 }
 
 /// Bytes of a header's two lengths in `raw`.
@@ -221,6 +239,17 @@ impl RequestSnapshot {
         }
         budget -= target_len;
 
+        let route = matched_route(request)
+            .filter(|route| route.len() <= usize::from(u16::MAX))
+            .unwrap_or_default();
+        let route = if route.len() <= budget {
+            budget -= route.len();
+            route
+        } else {
+            truncated = true;
+            ""
+        };
+
         // How many of the kept headers fit, and their bytes.
         let mut count = 0_usize;
         let mut headers_len = 0;
@@ -235,10 +264,11 @@ impl RequestSnapshot {
             true
         });
 
-        let mut raw = Vec::with_capacity(target_len + headers_len);
+        let mut raw = Vec::with_capacity(target_len + route.len() + headers_len);
         for part in target {
             raw.extend_from_slice(part.as_bytes());
         }
+        raw.extend_from_slice(route.as_bytes());
         kept.visit(|name, value| {
             if count == 0 {
                 return false;
@@ -257,6 +287,8 @@ impl RequestSnapshot {
             truncated,
             raw: raw.into_boxed_slice(),
             target_len: u32::try_from(target_len).unwrap_or(u32::MAX),
+            // At most `u16::MAX`, filtered above.
+            route_len: u16::try_from(route.len()).unwrap_or(0),
             uri: OnceLock::new(),
             headers: OnceLock::new(),
         }
@@ -414,9 +446,42 @@ impl RequestSnapshot {
             .map(|(_, value)| value)
     }
 
+    /// The `x-request-id` header (tower-http's `SetRequestIdLayer` sets it), for the crate's
+    /// own log lines and spans. A keep-list always keeps it.
+    pub(crate) fn request_id(&self) -> Option<&str> {
+        self.header(REQUEST_ID.as_str())
+    }
+
+    /// The route template the router matched for this request, such as `/users/{id}`: axum's
+    /// [`MatchedPath`](axum::extract::MatchedPath), the low-cardinality name an access log or a
+    /// metric wants, where [`path`](RequestSnapshot::path) would give one per user.
+    ///
+    /// It is there when [`AfterLayer`](crate::AfterLayer) is added with `Router::layer` (the
+    /// usual way, which runs it after routing), and `None` when it wraps the router from
+    /// outside (a `ServiceBuilder` around the whole `Router`), for requests no route matched
+    /// (the fallback), and without axum.
+    ///
+    /// ```
+    /// # async fn log(ctx: tower_after::AfterContext) {
+    /// let route = ctx.request().matched_path().unwrap_or("<unmatched>");
+    /// tracing::info!(route, status = ?ctx.outcome().status(), "served");
+    /// # }
+    /// ```
+    #[cfg(feature = "axum")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+    #[must_use]
+    pub fn matched_path(&self) -> Option<&str> {
+        let start = self.target_len as usize;
+        let route = self.raw.get(start..start + usize::from(self.route_len))?;
+        // Copied from a `str`.
+        std::str::from_utf8(route)
+            .ok()
+            .filter(|route| !route.is_empty())
+    }
+
     /// Every header as `(name, value)` bytes, in order.
     fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let mut rest = &self.raw[self.target_len as usize..];
+        let mut rest = &self.raw[self.target_len as usize + usize::from(self.route_len)..];
         std::iter::from_fn(move || {
             let (lengths, tail) = rest.split_at_checked(LENGTHS)?;
             let (name_len, value_len) = lengths.split_at(LENGTHS / 2);
@@ -788,16 +853,17 @@ mod tests {
         assert!(snapshot.truncated());
         assert_eq!(names(&snapshot), ["cookie", "cookie", "user-agent"]);
 
-        // A name listed twice is copied once.
+        // A name listed twice is copied once, and the request id is always kept, last.
         let twice = RequestSnapshot::new(
             &request,
             &SnapshotConfig::new().keep_headers([COOKIE, COOKIE]),
         );
-        assert_eq!(names(&twice), ["cookie", "cookie"]);
+        assert_eq!(names(&twice), ["cookie", "cookie", "x-request-id"]);
+        assert_eq!(twice.request_id(), Some("r-7"));
 
-        // An empty list keeps no header; back to all of them.
+        // An empty list keeps only the request id; back to all of them.
         let none = RequestSnapshot::new(&request, &config.clone().keep_headers([]));
-        assert_eq!(none.held_bytes(), SNAPSHOT_SIZE + 1);
+        assert_eq!(none.held_bytes(), SNAPSHOT_SIZE + 1 + (8 + 12 + 3));
         assert!(!none.truncated());
         let all = RequestSnapshot::new(&request, &config.keep_all_headers().max_bytes(usize::MAX));
         assert_eq!(all.headers(), request.headers());
@@ -973,11 +1039,13 @@ mod tests {
 
                 // The kept headers are the first of those the list keeps: in request order, or
                 // in the list's order, each name's values in request order.
+                let request_id = REQUEST_ID;
                 let listed: Vec<_> = match &keep {
                     None => request.headers().iter().collect(),
                     Some(names) => {
                         let mut unique: Vec<&HeaderName> = Vec::new();
-                        for name in names {
+                        // The request id is always kept, after the listed names.
+                        for name in names.iter().chain([&request_id]) {
                             if !unique.contains(&name) {
                                 unique.push(name);
                             }

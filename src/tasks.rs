@@ -11,21 +11,26 @@ use tokio::time::Instant;
 use crate::deadline::{self, until};
 use crate::ledger::{AfterStats, Refusal, Shared, SETTLE};
 
-/// Why [`After::try_run_with`](crate::After::try_run_with) refused work: the layer already
-/// holds its [maximum of pending callbacks](crate::AfterLayer::max_pending) or
-/// [of snapshot bytes](crate::AfterLayer::max_held_bytes), or it was shut down and takes no
-/// more work.
+/// Why [`After::try_run`](crate::After::try_run) or [`After::try_run_with`](crate::After::try_run_with)
+/// refused work, with the work itself: the layer already holds its [maximum of pending
+/// callbacks](crate::AfterLayer::max_pending) or [of snapshot bytes](crate::AfterLayer::max_held_bytes),
+/// or it was shut down and takes no more work.
 ///
 /// ```
-/// # fn example(error: tower_after::Overloaded) {
-/// eprintln!("{error}"); // names the limit and `AfterLayer::max_pending`
+/// # async fn example(later: tower_after::After) {
+/// let receipt = async { /* send the receipt */ };
+/// if let Err(refused) = later.try_run(receipt) {
+///     eprintln!("{refused}"); // names the limit and how to raise it
+///     refused.into_work().await; // do it now instead
+/// }
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overloaded {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded<W = ()> {
     why: Refusal,
     max_pending: usize,
     max_held_bytes: usize,
+    work: W,
 }
 
 impl Overloaded {
@@ -34,6 +39,19 @@ impl Overloaded {
             why,
             max_pending,
             max_held_bytes,
+            work: (),
+        }
+    }
+}
+
+impl<W> Overloaded<W> {
+    /// The same refusal, carrying `work` instead.
+    pub(crate) fn with_work<V>(self, work: V) -> Overloaded<V> {
+        Overloaded {
+            why: self.why,
+            max_pending: self.max_pending,
+            max_held_bytes: self.max_held_bytes,
+            work,
         }
     }
 
@@ -49,9 +67,26 @@ impl Overloaded {
     pub fn is_shut_down(&self) -> bool {
         self.why == Refusal::ShutDown
     }
+
+    /// The work that was refused, unregistered and never polled: run it now, store it, or drop
+    /// it.
+    #[must_use]
+    pub fn into_work(self) -> W {
+        self.work
+    }
 }
 
-impl fmt::Display for Overloaded {
+impl<W> fmt::Debug for Overloaded<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Overloaded")
+            .field("why", &self.why)
+            .field("max_pending", &self.max_pending)
+            .field("max_held_bytes", &self.max_held_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W> fmt::Display for Overloaded<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.why {
             Refusal::Overloaded => write!(
@@ -76,7 +111,7 @@ impl fmt::Display for Overloaded {
     }
 }
 
-impl std::error::Error for Overloaded {}
+impl<W> std::error::Error for Overloaded<W> {}
 
 /// A handle on every callback scheduled through one [`AfterLayer`](crate::AfterLayer) and its
 /// clones: how many are pending, and a way to drain them when the server stops.
@@ -190,7 +225,7 @@ impl AfterTasks {
     /// (by what it awaits, or by its budget), and at the latest when the runtime stops. Queued
     /// ones never start. From that moment the layer takes no more work, since the process is
     /// going away: registering is refused (logged at `WARN` once a second, with a count, and
-    /// returned as an error by [`try_run_with`](crate::After::try_run_with)), and the stats stay
+    /// returned as an error by [`try_run`](crate::After::try_run)), and the stats stay
     /// as the report left them. A drain that ends within its grace leaves the layer working as
     /// before.
     ///
@@ -227,6 +262,8 @@ impl AfterTasks {
         deadline::start();
         let shared = self.shared.clone();
         async move {
+            // Callbacks that watch `AfterContext::stopping` wrap up now, within the grace.
+            shared.draining().fire();
             let deadline = Instant::now().checked_add(grace);
             let turn = until(deadline, shared.drain.lock()).await;
             let before = shared.settled();

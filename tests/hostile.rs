@@ -207,7 +207,7 @@ async fn large_headers_through_a_real_server_pin_no_more_than_the_bound() {
     let (release, released) = tokio::sync::watch::channel(());
     let layer = AfterLayer::new()
         .max_held_bytes(1024 * 1024)
-        .on_response(move |_| {
+        .after_each(move |_| {
             let mut released = released.clone();
             async move {
                 let _ = released.changed().await;

@@ -193,8 +193,9 @@ async fn callback_logs_name_their_request_outside_the_trace_layer_span() {
         .unwrap_or_else(|| panic!("no callback log in:\n{text}"));
     // Its own span, not a child of the request's (which closed with the response), naming the
     // request it belongs to.
+    // And the line of code that registered the work.
     assert!(
-        line.contains("after{method=GET path=\"/traced\"}"),
+        line.contains("after{method=GET path=\"/traced\" site=tests/interop.rs:"),
         "{line}"
     );
     assert!(!line.contains("request{"), "{line}");

@@ -241,14 +241,14 @@ async fn shutdown_keeps_its_grace_when_every_worker_is_blocked() {
     assert_eq!((report.completed(), report.cancelled()), (0, 1));
 }
 
-/// How each response ended, and its body bytes, as an `on_response` hook saw them.
+/// How each response ended, and its body bytes, as an `after_each` hook saw them.
 type Endings = Arc<Mutex<Vec<(Completion, u64)>>>;
 
-/// `layer`, with an `on_response` hook that records how each response ended.
+/// `layer`, with an `after_each` hook that records how each response ended.
 fn recording(layer: AfterLayer) -> (AfterLayer, Endings) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
-    let layer = layer.on_response(move |ctx| {
+    let layer = layer.after_each(move |ctx| {
         let log = log.clone();
         async move {
             let outcome = ctx.outcome();

@@ -1,4 +1,4 @@
-//! `AfterLayer::on_response`: a hook after every response, through a real server on 127.0.0.1,
+//! `AfterLayer::after_each`: a hook after every response, through a real server on 127.0.0.1,
 //! on the paths callbacks take: a completed response, a rejection before any handler ran, a
 //! client that leaves, a panicking handler, and the drain at shutdown.
 #![cfg(feature = "axum")]
@@ -31,10 +31,10 @@ async fn panics() -> &'static str {
 /// Set once the `/slow` handler runs.
 static SLOW_STARTED: AtomicBool = AtomicBool::new(false);
 
-/// An app whose layer records every response with `on_response`; no handler registers anything.
+/// An app whose layer records every response with `after_each`; no handler registers anything.
 fn app(journal: &Journal, layer: AfterLayer) -> Router {
     let journal = journal.clone();
-    let layer = layer.on_response(move |ctx| {
+    let layer = layer.after_each(move |ctx| {
         let journal = journal.clone();
         async move { journal.push(Seen::from_context(&ctx)) }
     });
@@ -125,7 +125,7 @@ async fn the_hook_is_drained_at_shutdown() {
     let journal = Journal::default();
     let gate = std::sync::Arc::new(Semaphore::new(0));
     let (recorded, waiting) = (journal.clone(), gate.clone());
-    let layer = AfterLayer::new().on_response(move |ctx| {
+    let layer = AfterLayer::new().after_each(move |ctx| {
         let (journal, gate) = (recorded.clone(), waiting.clone());
         async move {
             let _permit = gate.acquire().await.unwrap();
@@ -154,7 +154,7 @@ async fn the_hook_is_drained_at_shutdown() {
 #[tokio::test]
 async fn open_responses_hold_no_place_under_max_pending() {
     // Three streams stay open; with a bound of two, a fourth request's work is still taken.
-    let layer = AfterLayer::new().max_pending(2).on_response(|_| async {});
+    let layer = AfterLayer::new().max_pending(2).after_each(|_| async {});
     let tasks = layer.tasks();
     let (hold, held) = tokio::sync::watch::channel(());
     let app = Router::new()

@@ -1,0 +1,215 @@
+//! What an access log and an audit trail need from the layer, through a real server on
+//! 127.0.0.1: the route template, typed data from the handler, the budget of an outer
+//! `MaxDuration`, the request id in the crate's own lines, and work handed back when refused.
+#![cfg(feature = "axum")]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use http_body_util::{BodyExt, Empty};
+use tower_after::{After, AfterContext, AfterLayer, MaxDuration};
+
+/// What the access log wrote, one line per response.
+type AccessLog = Arc<Mutex<Vec<String>>>;
+
+#[derive(Debug)]
+struct UserId(u64);
+
+async fn profile(later: After) -> &'static str {
+    later.insert(UserId(7));
+    "profile"
+}
+
+#[tokio::test]
+async fn the_hook_sees_the_route_template_and_what_the_handler_left() {
+    let log = AccessLog::default();
+    let writer = log.clone();
+    let layer = AfterLayer::new().after_each(move |ctx: AfterContext| {
+        let writer = writer.clone();
+        async move {
+            let route = ctx.request().matched_path().unwrap_or("-").to_owned();
+            let user = ctx.get::<UserId>().map(|user| user.0);
+            writer
+                .lock()
+                .unwrap()
+                .push(format!("{} {route} {user:?}", ctx.request().path()));
+        }
+    });
+    let tasks = layer.tasks();
+    let app = Router::new()
+        .route("/users/{id}", get(profile))
+        .route("/health", get(|| async { "ok" }))
+        .layer(layer);
+    let address = support::serve(app).await;
+
+    support::fetch(address, "GET", "/users/41").await;
+    support::fetch(address, "GET", "/health").await;
+    support::fetch(address, "GET", "/nowhere").await;
+    support::within("idle", tasks.idle()).await;
+
+    let mut lines = log.lock().unwrap().clone();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "/health /health None",
+            "/nowhere - None",
+            "/users/41 /users/{id} Some(7)",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_value_inserted_again_replaces_the_first_and_is_handed_back() {
+    let seen = Arc::new(Mutex::new(None));
+    let record = seen.clone();
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |later: After| async move {
+                assert!(later.insert(UserId(1)).is_none());
+                let replaced = later.insert(UserId(2)).expect("the first value back");
+                assert_eq!(replaced.0, 1);
+                later.run_with(move |ctx| async move {
+                    *record.lock().unwrap() = ctx.get::<UserId>().map(|user| user.0);
+                });
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/").await;
+    support::within("idle", tasks.idle()).await;
+    assert_eq!(*seen.lock().unwrap(), Some(2));
+}
+
+/// A callback of 3 s under a budget of 100 ms set by a `MaxDuration` on either side of the
+/// layer: cut both ways.
+#[tokio::test]
+async fn max_duration_works_on_either_side_of_the_layer() {
+    async fn slow(later: After) -> &'static str {
+        later.run(tokio::time::sleep(Duration::from_secs(3)));
+        "ok"
+    }
+    let budget = MaxDuration::new(Duration::from_millis(100));
+    for outside in [false, true] {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let route = Router::new().route("/slow", get(slow));
+        let app = if outside {
+            route.layer(layer).layer(budget)
+        } else {
+            route.layer(budget).layer(layer)
+        };
+        let address = support::serve(app).await;
+        support::fetch(address, "GET", "/slow").await;
+        support::within("the budget to cut the callback", tasks.idle()).await;
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.timed_out(), stats.completed()),
+            (1, 0),
+            "MaxDuration {} the layer",
+            if outside { "outside" } else { "inside" }
+        );
+    }
+}
+
+/// The innermost `MaxDuration` wins, wherever the outer one sits.
+#[tokio::test]
+async fn the_innermost_max_duration_wins() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|later: After| async move {
+                later.run(tokio::time::sleep(Duration::from_millis(300)));
+                "ok"
+            })
+            .layer(MaxDuration::new(Duration::from_secs(30))),
+        )
+        .layer(layer)
+        .layer(MaxDuration::new(Duration::from_millis(50)));
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/").await;
+    support::within("idle", tasks.idle()).await;
+    assert_eq!(tasks.stats().completed(), 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_crates_own_warnings_name_the_request_id_and_the_registration_site() {
+    let (logs, _guard) = support::capture_logs();
+    let layer = AfterLayer::new().max_duration(Duration::from_millis(50));
+    let tasks = layer.tasks();
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(|later: After| async move {
+                later.run(std::future::pending::<()>());
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    let request = http::Request::get(format!("http://{address}/slow"))
+        .header("x-request-id", "req-7f3a")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = support::client().request(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    support::within("idle", tasks.idle()).await;
+
+    let text = logs.text();
+    let warning = text
+        .lines()
+        .find(|line| line.contains("WARN") && line.contains("after callbacks cancelled"))
+        .unwrap_or_else(|| panic!("no budget warning in:\n{text}"));
+    assert!(warning.contains("request_id=\"req-7f3a\""), "{warning}");
+    // The callback's own line, at DEBUG, is in its span, which names the request and the line
+    // of code that registered the work.
+    let detail = text
+        .lines()
+        .find(|line| line.contains("DEBUG") && line.contains("after callback cancelled"))
+        .unwrap_or_else(|| panic!("no callback line in:\n{text}"));
+    assert!(detail.contains("request_id=\"req-7f3a\""), "{detail}");
+    assert!(detail.contains("site=tests/access_log.rs:"), "{detail}");
+}
+
+#[tokio::test]
+async fn refused_work_is_handed_back_to_the_caller() {
+    let outcome = Arc::new(Mutex::new(Vec::new()));
+    let record = outcome.clone();
+    let layer = AfterLayer::new().max_pending(1);
+    let tasks = layer.tasks();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |later: After| async move {
+                // The first fills the layer; the second is handed back and run here.
+                later.run(std::future::ready(()));
+                let again = record.clone();
+                let work = async move { again.lock().unwrap().push("ran in the handler") };
+                match later.try_run(work) {
+                    Ok(()) => record.lock().unwrap().push("accepted"),
+                    Err(refused) => {
+                        assert!(!refused.is_shut_down());
+                        assert!(refused.to_string().contains("AfterLayer::max_pending"));
+                        refused.into_work().await;
+                    }
+                }
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/").await;
+    support::within("idle", tasks.idle()).await;
+    assert_eq!(*outcome.lock().unwrap(), ["ran in the handler"]);
+    assert_eq!(tasks.stats().shed(), 1);
+}

@@ -1,0 +1,121 @@
+//! Cooperative cancellation: `AfterContext::stopping` tells a callback that a shutdown started
+//! or that its budget nears its end, so it can commit what it has before it is dropped.
+#![cfg(feature = "axum")]
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::Router;
+use tower_after::{After, AfterContext, AfterLayer, AfterTasks};
+
+/// Rows written in batches: `committed` counts the rows that reached the store.
+#[derive(Clone, Default)]
+struct Store {
+    committed: Arc<AtomicUsize>,
+}
+
+/// Imports rows one every 10 ms, for far longer than anyone waits, and commits what it has
+/// once told to stop, if it listens.
+async fn import(ctx: AfterContext, store: Store, listens: bool) {
+    let mut batch = 0;
+    let mut stopping = std::pin::pin!(ctx.stopping());
+    loop {
+        tokio::select! {
+            _ = &mut stopping, if listens => break,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => batch += 1,
+        }
+    }
+    // The commit itself takes a moment, as a database's would.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.committed.fetch_add(batch, Ordering::SeqCst);
+}
+
+async fn serve_import(layer: AfterLayer, store: &Store, listens: bool) -> AfterTasks {
+    let tasks = layer.tasks();
+    let store = store.clone();
+    let app = Router::new()
+        .route(
+            "/import",
+            get(move |later: After| async move {
+                later.run_with(move |ctx| import(ctx, store, listens));
+                "importing"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/import").await;
+    support::eventually("the import to run", || tasks.stats().running() == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tasks
+}
+
+#[tokio::test]
+async fn a_callback_that_listens_commits_when_the_shutdown_starts() {
+    let store = Store::default();
+    let tasks = serve_import(AfterLayer::new(), &store, true).await;
+    let started = Instant::now();
+    let report = support::within("the drain", tasks.shutdown(Duration::from_secs(20))).await;
+    // It wrapped up at once, long before the grace ran out, and its rows are in.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!((report.completed(), report.cancelled()), (1, 0));
+    assert!(store.committed.load(Ordering::SeqCst) > 0);
+}
+
+#[tokio::test]
+async fn a_callback_that_ignores_it_is_cancelled_at_the_end_of_the_grace() {
+    let store = Store::default();
+    let tasks = serve_import(AfterLayer::new(), &store, false).await;
+    let report = support::within("the drain", tasks.shutdown(Duration::from_millis(200))).await;
+    assert_eq!((report.completed(), report.cancelled()), (0, 1));
+    assert_eq!(store.committed.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_callback_that_listens_commits_before_its_budget_runs_out() {
+    let store = Store::default();
+    // Told a tenth of the budget (100 ms) before its end: time enough for the 20 ms commit.
+    let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+    let tasks = serve_import(layer, &store, true).await;
+    support::within("the import to end", tasks.idle()).await;
+    let stats = tasks.stats();
+    assert_eq!((stats.completed(), stats.timed_out()), (1, 0));
+    assert!(store.committed.load(Ordering::SeqCst) > 0);
+
+    // Without listening, the same callback is cut by its budget, and nothing is committed.
+    let store = Store::default();
+    let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+    let tasks = serve_import(layer, &store, false).await;
+    support::within("the budget", tasks.idle()).await;
+    let stats = tasks.stats();
+    assert_eq!((stats.completed(), stats.timed_out()), (0, 1));
+    assert_eq!(store.committed.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn the_deadline_is_the_end_of_the_response_plus_the_budget() {
+    let layer = AfterLayer::new().max_duration(Duration::from_secs(30));
+    let tasks = layer.tasks();
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let record = seen.clone();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |later: After| async move {
+                later.run_with(move |ctx| async move {
+                    let deadline = ctx.deadline().expect("a budget");
+                    let expected = ctx.outcome().finished_at() + Duration::from_secs(30);
+                    *record.lock().unwrap() = Some(deadline == expected);
+                });
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/").await;
+    support::within("idle", tasks.idle()).await;
+    assert_eq!(*seen.lock().unwrap(), Some(true));
+}
