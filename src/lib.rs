@@ -367,8 +367,9 @@
 //!   had not run: work that must happen belongs in a durable queue (SQS, a table) written before
 //!   the response.
 //!
-//! The example `lambda` (`cargo lambda build --release --features lambda --example lambda`)
-//! is a function ready to deploy with `cargo lambda deploy`.
+//! The example `examples/lambda-function`, a package of its own, is a function ready to run
+//! under `cargo lambda watch` and to deploy with `cargo lambda deploy`; its docs give the
+//! commands.
 //!
 //! ## Cloudflare Workers, and other platforms without Tokio
 //!
