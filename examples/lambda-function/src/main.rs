@@ -65,7 +65,7 @@
 //!
 //! The code is the same as for a server, except for `main`. It runs only under Lambda or its
 //! emulator, which provide the Runtime API that it talks to. `tests/` runs this very binary
-//! against a Runtime API on 127.0.0.1.
+//! against a Runtime API on 127.0.0.1, and under `cargo lambda watch`.
 
 use std::time::Duration;
 
