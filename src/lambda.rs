@@ -33,6 +33,8 @@
 //! ```
 //!
 //! The crate documentation (*Serverless: AWS Lambda*) says what this guarantees and what not.
+//! A whole function, with the commands to run it under `cargo lambda watch` and to deploy it, is
+//! the example package `examples/lambda-function`.
 
 use std::fmt;
 use std::future::Future;

@@ -347,8 +347,8 @@
 //! ```
 //!
 //! Locally, `cargo lambda watch` runs the function the way Lambda does, one event at a time
-//! unless told otherwise: with `--concurrency 1`, each request waits until the previous
-//! invocation's callbacks have ended, which is what Lambda does too. The emulator sends a
+//! unless told otherwise: with its default `--concurrency 1`, each request waits until the
+//! previous invocation's callbacks have ended, which is what Lambda does too. The emulator sends a
 //! deadline in 1970, which `DrainLayer` recognizes as no real deadline (it says so once): each
 //! request's budget then bounds the wait.
 //!
@@ -394,8 +394,9 @@
 //!   had not run: work that must happen belongs in a durable queue (SQS, a table) written before
 //!   the response.
 //!
-//! The example `lambda` (`cargo lambda build --release --features lambda --example lambda`)
-//! is a function ready to deploy with `cargo lambda deploy`.
+//! The example `examples/lambda-function`, a package of its own, is a function ready to run
+//! under `cargo lambda watch` and to deploy with `cargo lambda deploy`; the README's section on
+//! AWS Lambda gives the commands, and what to look for in the emulator's output.
 //!
 //! ## Cloudflare Workers, and other platforms without Tokio
 //!

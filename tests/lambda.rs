@@ -3,6 +3,9 @@
 //! AWS's documented endpoints (`/2018-06-01/runtime/invocation/next`, `.../{id}/response`,
 //! `.../{id}/error`, and the extension registration). The server and the router's callbacks
 //! write to one journal, whose order is what the tests assert.
+//!
+//! The example function, `examples/lambda-function`, is a package of its own, whose tests run
+//! its binary against such a Runtime API and under `cargo lambda watch`.
 #![cfg(feature = "lambda")]
 
 use std::collections::VecDeque;
@@ -518,79 +521,4 @@ async fn graceful_shutdown_registers_an_extension() {
     tower_after::lambda::graceful_shutdown(tasks, Duration::from_millis(300)).await;
     drop(environment);
     assert_eq!(api.journal.all(), [Entry::Registered]);
-}
-
-/// The `lambda` example, built with the profile of this test.
-#[cfg(unix)]
-fn example_binary() -> std::path::PathBuf {
-    let test = std::env::current_exe().unwrap();
-    let profile_dir = test.parent().and_then(|deps| deps.parent()).unwrap();
-    let mut build = std::process::Command::new(env!("CARGO"));
-    build
-        .args([
-            "build",
-            "--quiet",
-            "--example",
-            "lambda",
-            "--features",
-            "lambda",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    assert!(
-        build.status().unwrap().success(),
-        "building the example failed"
-    );
-    profile_dir.join("examples").join("lambda")
-}
-
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_example_drains_each_invocation_and_exits_on_sigterm() {
-    use std::process::{Command, Stdio};
-
-    let binary = tokio::task::spawn_blocking(example_binary).await.unwrap();
-    let api = Api::default();
-    let address = serve_api(api.clone()).await;
-    let mut child = tokio::process::Command::new(binary)
-        .env("AWS_LAMBDA_RUNTIME_API", &address)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "after")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let journal = &api.journal;
-    journal.wait_for(Entry::Next, 1).await;
-    assert_eq!(journal.all(), [Entry::Registered, Entry::Next]);
-    api.invoke("req-1", "POST", "/checkout", TIMEOUT);
-    journal.wait_for(Entry::Next, 2).await;
-    assert_eq!(
-        journal.all()[2..],
-        [entry(Entry::Posted, "req-1"), Entry::Next]
-    );
-
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(TIMEOUT, child.wait())
-        .await
-        .expect("the function did not exit after SIGTERM")
-        .unwrap();
-    let output = child.wait_with_output().await.unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
-    // The audit ran within the invocation, before the runtime asked for the next event.
-    assert_eq!(stdout.matches("audit written").count(), 1, "{stdout}");
-    assert!(stderr.contains("Graceful shutdown completed"), "{stderr}");
 }

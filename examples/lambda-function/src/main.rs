@@ -1,20 +1,59 @@
-//! Run with
+//! An AWS Lambda function whose callbacks run after its response is posted: Vercel's
+//! `waitUntil`, on Lambda. [cargo-lambda](https://www.cargo-lambda.info) runs it locally and
+//! deploys it.
+//!
+//! # Locally
+//!
+//! `cargo lambda watch` emulates Lambda's Runtime API and function URLs. In this directory
+//! (`examples/lambda-function`):
 //!
 //! ```not_rust
-//! cargo lambda build --release --features lambda --example lambda
-//! cargo lambda deploy --binary-name lambda --enable-function-url --timeout 10 tower-after-demo
+//! pip install cargo-lambda
+//! cargo lambda watch --invoke-address 127.0.0.1
 //! ```
 //!
-//! then call the URL that `deploy` prints:
+//! (Without `--invoke-address`, the emulator listens on every interface.) Then, in another
+//! terminal:
+//!
+//! ```not_rust
+//! curl -X POST http://127.0.0.1:9000/lambda-url/tower-after-demo/checkout   # "ordered", at once
+//! curl http://127.0.0.1:9000/lambda-url/tower-after-demo/report             # "report scheduled", at once
+//! ```
+//!
+//! The emulator builds and starts the function at the first request, and its terminal shows the
+//! callbacks after their responses: `audit written status=Some(200)` 200 ms after `ordered`,
+//! `report started` at once after `report scheduled` and `report finished` 2 s later. A request
+//! sent during those 2 s is answered only after `report finished`: like Lambda, the emulator hands
+//! the function one event at a time, and the function asks for the next one only once the
+//! callbacks of the last one have ended.
+//!
+//! Two warnings at the first request are expected. The emulator sends a deadline in 1970
+//! (`lambda-runtime-deadline-ms: 600000`), which `tower_after::lambda` recognizes as no real one
+//! (`the Lambda invocation's deadline is not a real one`): each request's budget alone then bounds
+//! its callbacks, and none is cancelled. And `lambda_runtime` says that the emulator's
+//! `AWS_LAMBDA_MAX_CONCURRENCY` of 1 means running sequentially, which it does. Ctrl-C stops the
+//! emulator and the function, whose SIGTERM handler drains what is left
+//! (`after callbacks drained at shutdown`).
+//!
+//! # On AWS
+//!
+//! In this directory, with your AWS credentials:
+//!
+//! ```not_rust
+//! cargo lambda build --release
+//! cargo lambda deploy --enable-function-url --timeout 10
+//! ```
+//!
+//! `build` puts the function in `target/lambda/tower-after-demo/bootstrap`; `deploy` creates the
+//! function `tower-after-demo` (named after the binary) with a URL, and its role if needed. Then
+//! call the URL that `deploy` prints:
 //!
 //! ```not_rust
 //! curl -X POST "$FUNCTION_URL/checkout"   # answers at once; the audit line follows in the log
 //! curl "$FUNCTION_URL/report"             # 2 s of work after the response, within its 5 s budget
 //! ```
 //!
-//! Vercel's `waitUntil` on AWS Lambda. [cargo-lambda](https://www.cargo-lambda.info) builds the
-//! example for Lambda (`target/lambda/lambda/bootstrap`) and deploys it as a function with a
-//! URL; `deploy` uses your AWS credentials and creates the function's role if needed.
+//! # What it shows
 //!
 //! The function answers each request at once. `DrainLayer` lets the runtime post that answer,
 //! then runs the request's callbacks, and asks Lambda for the next event only once they ended,
@@ -24,8 +63,9 @@
 //! a warning. When Lambda shuts the environment down, SIGTERM drains what is left, within
 //! 300 ms of the 500 ms Lambda allows.
 //!
-//! The code is the same as for a server, except for `main`. It runs only under Lambda (or
-//! `cargo lambda watch`), which provides the Runtime API that it talks to.
+//! The code is the same as for a server, except for `main`. It runs only under Lambda or its
+//! emulator, which provide the Runtime API that it talks to. `tests/` runs this very binary
+//! against a Runtime API on 127.0.0.1, and under `cargo lambda watch`.
 
 use std::time::Duration;
 
