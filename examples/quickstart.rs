@@ -11,9 +11,10 @@
 //! curl http://127.0.0.1:3000/report
 //! ```
 //!
-//! Every request logs a line from an after-response callback: method, path, status, user agent,
-//! how the response ended and how long it took. `/report` also leaves 3 seconds of work behind;
-//! press Ctrl-C right after calling it and watch the server drain that work before it exits.
+//! Every request logs a line from an after-response callback: method, path, route template,
+//! status, user agent, how the response ended and how long it took. `/report` also leaves 3
+//! seconds of work behind; press Ctrl-C right after calling it and watch the server drain that
+//! work before it exits.
 
 use std::time::Duration;
 
@@ -81,7 +82,8 @@ async fn log_after_response(later: After, request: Request, next: Next) -> Respo
         let agent = request.headers().get(USER_AGENT);
         tracing::info!(
             method = %request.method(),
-            path = request.uri().path(),
+            path = request.path(),
+            route = request.matched_path(),
             status = outcome.status().map(|status| status.as_u16()),
             user_agent = agent.and_then(|agent| agent.to_str().ok()).unwrap_or("-"),
             completion = %outcome.completion(),
