@@ -139,6 +139,7 @@
 //! | `headers()`, `cookies()` inside `after`   | [`AfterContext::request`]: [`RequestSnapshot::headers`], [`RequestSnapshot::cookie`] |
 //! | `maxDuration`                             | [`MaxDuration`] on a route, [`AfterLayer::max_duration`] for all |
 //! | draining on `SIGTERM`                     | [`AfterTasks::shutdown`] after `with_graceful_shutdown` returns |
+//! | `after` in a Server Action                | `leptos_axum::extract::<After>()` in a Leptos server function, with `AfterLayer` added after `leptos_routes` (the README's *Server functions* section and the `server-functions` example say what works there) |
 //! | a route handler runs to its end when the client leaves | [`RunToEndLayer`] inside `AfterLayer` (under hyper, a handler is dropped when its client leaves) |
 //! | "`after` was called outside a request scope" | [`After::current`] panics naming `AfterLayer`; [`After::try_current`] is `None` |
 //!
