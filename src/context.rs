@@ -136,7 +136,9 @@ impl AfterContext {
 
     /// When this request's budget runs out and what still runs of its callbacks is dropped:
     /// the end of its response plus its max duration ([`AfterLayer::max_duration`] or
-    /// [`MaxDuration`](crate::MaxDuration)). `None` for a budget of [`Duration::MAX`].
+    /// [`MaxDuration`](crate::MaxDuration)), or, on AWS Lambda, its invocation's deadline less
+    /// `lambda::DrainLayer`'s margin, if that comes first. `None` for a budget of
+    /// [`Duration::MAX`] with no such deadline.
     ///
     /// A shutdown can stop callbacks earlier, at the end of its grace period:
     /// [`AfterContext::stopping`] tells when that starts.
@@ -157,9 +159,9 @@ impl AfterContext {
 
     /// Resolves when this callback should wrap up, before it is dropped: as soon as a shutdown
     /// of its layer starts ([`AfterTasks::shutdown`](crate::AfterTasks::shutdown), or
-    /// `lambda::graceful_shutdown` on SIGTERM), or when its request's budget nears its end
-    /// (a tenth of the budget before its [`deadline`](AfterContext::deadline), at most one
-    /// second before). Pending forever without either.
+    /// `lambda::graceful_shutdown` on SIGTERM), or when its [`deadline`](AfterContext::deadline)
+    /// nears: a tenth of the time it had from the end of the response, at most one second,
+    /// before it. Pending forever without either.
     ///
     /// A callback is dropped, at its next `.await`, when its budget or a shutdown's grace runs
     /// out; it gets no other warning. One that batches, streams or holds a transaction can

@@ -165,6 +165,16 @@ impl Inflight {
         self.terms.set_budget(budget);
     }
 
+    /// When the work is stopped, once the response finished: its budget's deadline, or its
+    /// host's, whichever comes first.
+    fn end_of_work(&self) -> Option<Instant> {
+        let host = self.host.as_ref().and_then(|host| host.deadline());
+        match (self.deadline(), host) {
+            (Some(budget), Some(host)) => Some(budget.min(host)),
+            (budget, host) => budget.or(host),
+        }
+    }
+
     /// Registers `callback`, or refuses it when the layer holds its maximum of pending
     /// callbacks (`AfterLayer::max_pending`). `site`: the code that registered it.
     pub(crate) fn register<C: Callback + 'static>(
@@ -430,7 +440,7 @@ impl Finished for Inflight {
     }
 
     fn deadline(&self) -> Option<std::time::Instant> {
-        Inflight::deadline(self).map(Instant::into_std)
+        self.end_of_work().map(Instant::into_std)
     }
 
     fn data(&self) -> &Data {
@@ -444,9 +454,12 @@ impl Finished for Inflight {
         if draining.is_fired() {
             return Box::pin(std::future::ready(()));
         }
-        let notice = Inflight::deadline(self).map(|deadline| {
-            let budget = self.budget();
-            deadline - (budget / 10).min(NOTICE)
+        // A tenth of the time the work had, at most `NOTICE`, before its end.
+        let notice = self.end_of_work().map(|end| {
+            let had = self.end.get().map_or(Duration::ZERO, |outcome| {
+                end.saturating_duration_since(Instant::from_std(outcome.finished_at))
+            });
+            end - (had / 10).min(NOTICE)
         });
         Box::pin(async move {
             match notice {

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use futures_util::future::select;
 use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
+use tokio::time::Instant;
 
 use crate::callback::Stop;
 use crate::host::{self, Host, HostRef};
@@ -43,6 +44,8 @@ pub(crate) struct Invocation {
     settled: Notify,
     /// Fired when its time runs out.
     stop: StopSignal,
+    /// When its time runs out, if it has a real deadline.
+    cap: Option<Instant>,
     /// The layer it was made for: its shutdown stops the invocation's work, whichever layer
     /// registered it.
     drain: Arc<Shared>,
@@ -90,9 +93,11 @@ impl Invocation {
 pub(crate) struct Hold(Arc<Invocation>);
 
 impl Hold {
-    /// A new invocation, held, made for the layer whose state `drain` is.
-    pub(crate) fn new(drain: Arc<Shared>) -> Self {
+    /// A new invocation, held, made for the layer whose state `drain` is, whose work stops at
+    /// `cap`, if it has one.
+    pub(crate) fn new(drain: Arc<Shared>, cap: Option<Instant>) -> Self {
         Self(Arc::new(Invocation {
+            cap,
             held: Mutex::new(Some(Vec::new())),
             drivers: AtomicUsize::new(0),
             settled: Notify::new(),
@@ -158,6 +163,10 @@ impl Host for Invocation {
             return Some(Stop::Shutdown);
         }
         self.stop.is_fired().then_some(Stop::Host(NEAR_DEADLINE))
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.cap
     }
 
     fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::task::futures::TaskLocalFuture;
+use tokio::time::Instant;
 
 use crate::callback::Stop;
 
@@ -34,6 +35,10 @@ pub(crate) trait Host: Send + Sync {
     /// Resolves whenever [`Host::stop`] may have an answer: made before asking it, it misses
     /// none.
     fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    /// When it stops its requests' work, if it knows (a Lambda invocation's deadline, less its
+    /// margin): what `AfterContext::deadline` and `stopping` count down to.
+    fn deadline(&self) -> Option<Instant>;
 }
 
 /// A shared host, behind a thin pointer: every request that has one holds it.
@@ -58,6 +63,10 @@ impl<H: Host> Host for Arc<H> {
 
     fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         (**self).stopping()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        (**self).deadline()
     }
 }
 

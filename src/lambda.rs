@@ -204,7 +204,7 @@ where
     fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
         let cap = cap(invocation.context.deadline());
         // A shutdown of the layer whose grace ran out stops this invocation's work too.
-        let hold = Hold::new(self.shared.clone());
+        let hold = Hold::new(self.shared.clone(), cap);
         // `lambda_http` calls the router within this call, and axum calls `AfterLayer` when
         // the future is polled: both see the invocation.
         let inner = hold.sync_scope(|| self.inner.call(invocation));
@@ -537,6 +537,40 @@ mod tests {
         service.oneshot(emulated).await.unwrap();
         assert!(done.load(Ordering::SeqCst), "the drain waited for the work");
         assert_eq!(layer.tasks().stats().timed_out(), 0);
+    }
+
+    /// A callback that watches `stopping` is told before the invocation's deadline cuts it, and
+    /// commits in time: `DrainLayer`'s cap, not only the budget, counts.
+    #[tokio::test]
+    async fn a_callback_is_told_to_wrap_up_before_the_invocation_s_deadline() {
+        let layer = AfterLayer::new().max_duration(Duration::MAX);
+        let committed = Arc::new(AtomicBool::new(false));
+        let flag = committed.clone();
+        let app = layer.layer(service_fn(move |request: Request<()>| {
+            let flag = flag.clone();
+            let after = request.extensions().get::<After>().unwrap().clone();
+            after.run_with(move |ctx| async move {
+                assert!(ctx.deadline().is_some(), "the invocation's deadline");
+                ctx.stopping().await;
+                flag.store(true, Ordering::SeqCst);
+            });
+            async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
+        }));
+        let function = service_fn(move |_: LambdaInvocation| {
+            let app = app.clone();
+            async move {
+                drop(app.oneshot(Request::new(())).await?);
+                Ok::<_, Infallible>(())
+            }
+        });
+        let service = DrainLayer::new(layer.tasks()).layer(function);
+        service
+            .oneshot(invocation(Duration::from_millis(1_500)))
+            .await
+            .unwrap();
+        assert!(committed.load(Ordering::SeqCst), "told before the deadline");
+        let stats = layer.tasks().stats();
+        assert_eq!((stats.completed(), stats.timed_out()), (1, 0));
     }
 
     #[tokio::test]
