@@ -119,3 +119,33 @@ async fn the_deadline_is_the_end_of_the_response_plus_the_budget() {
     support::within("idle", tasks.idle()).await;
     assert_eq!(*seen.lock().unwrap(), Some(true));
 }
+
+/// A drain that ends within its grace leaves the layer working as before: a callback of a later
+/// request is not told to wrap up at once.
+#[tokio::test]
+async fn after_a_drain_that_ended_in_time_stopping_waits_for_the_next_shutdown() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let report = support::within("the drain", tasks.shutdown(Duration::from_secs(1))).await;
+    assert_eq!(report.total(), 0);
+
+    let told = Arc::new(std::sync::Mutex::new(None));
+    let record = told.clone();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |later: After| async move {
+                later.run_with(move |ctx| async move {
+                    let stopping = ctx.stopping();
+                    let at_once = tokio::time::timeout(Duration::from_millis(100), stopping).await;
+                    *record.lock().unwrap() = Some(at_once.is_ok());
+                });
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/").await;
+    support::within("idle", tasks.idle()).await;
+    assert_eq!(*told.lock().unwrap(), Some(false), "told to stop with no shutdown under way");
+}
