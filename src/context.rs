@@ -161,7 +161,9 @@ impl AfterContext {
     /// of its layer starts ([`AfterTasks::shutdown`](crate::AfterTasks::shutdown), or
     /// `lambda::graceful_shutdown` on SIGTERM), or when its [`deadline`](AfterContext::deadline)
     /// nears: a tenth of the time it had from the end of the response, at most one second,
-    /// before it. Pending forever without either.
+    /// before it. Pending forever without either. Called while a shutdown drains, it is ready
+    /// at once; a drain that ended within its grace leaves later callbacks untold, as it leaves
+    /// the layer working as before.
     ///
     /// A callback is dropped, at its next `.await`, when its budget or a shutdown's grace runs
     /// out; it gets no other warning. One that batches, streams or holds a transaction can

@@ -449,9 +449,10 @@ impl Finished for Inflight {
 
     fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let draining = self.shared().draining();
-        // Made before the flag is read: it hears every firing from then on.
-        let drain = draining.fired();
-        if draining.is_fired() {
+        // Made before the count is read: it hears every drain that starts from then on.
+        let drain = draining.started();
+        // Under way, or over with its work written off (the layer takes no more).
+        if draining.is_under_way() || self.shared().shutdown().is_fired() {
             return Box::pin(std::future::ready(()));
         }
         // A tenth of the time the work had, at most `NOTICE`, before its end.

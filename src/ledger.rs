@@ -36,8 +36,8 @@ pub(crate) struct Shared {
     idle: Notify,
     /// Fired once a shutdown's grace ran out: every driver stops its work.
     shutdown: StopSignal,
-    /// Fired when a shutdown starts: callbacks that asked (`AfterContext::stopping`) wrap up.
-    draining: StopSignal,
+    /// Raised while a shutdown drains: callbacks that asked (`AfterContext::stopping`) wrap up.
+    draining: Draining,
     /// One drain at a time, so that two shutdowns never report the same callback.
     pub(crate) drain: tokio::sync::Mutex<()>,
     /// The runtime that serves the layer: where work registered off it runs.
@@ -326,8 +326,8 @@ impl Shared {
         &self.shutdown
     }
 
-    /// Fired as a shutdown starts.
-    pub(crate) fn draining(&self) -> &StopSignal {
+    /// Raised while a shutdown drains.
+    pub(crate) fn draining(&self) -> &Draining {
         &self.draining
     }
 
@@ -412,6 +412,46 @@ impl Shared {
             }
             notified.await;
         }
+    }
+}
+
+/// Tells the callbacks that asked (`AfterContext::stopping`) to wrap up: raised while a shutdown
+/// drains, and lowered once no drain is under way, so that a drain that ended within its grace
+/// leaves the layer working as before. A count, not a flag: two drains may overlap.
+#[derive(Default)]
+pub(crate) struct Draining {
+    /// Drains under way.
+    drains: AtomicUsize,
+    waiters: Arc<Notify>,
+}
+
+impl Draining {
+    /// A drain starts: wakes every waiter. It is under way until the guard is dropped.
+    pub(crate) fn start(&self) -> DrainUnderWay<'_> {
+        // Counted before the waiters are woken, so that a woken waiter finds it under way.
+        self.drains.fetch_add(1, Ordering::SeqCst);
+        self.waiters.notify_waiters();
+        DrainUnderWay(self)
+    }
+
+    /// Whether a drain is under way.
+    pub(crate) fn is_under_way(&self) -> bool {
+        self.drains.load(Ordering::SeqCst) > 0
+    }
+
+    /// Resolves once a drain started after its creation. Check [`Draining::is_under_way`] after
+    /// creating it, not before: it hears every start from its creation on.
+    pub(crate) fn started(&self) -> OwnedNotified {
+        self.waiters.clone().notified_owned()
+    }
+}
+
+/// A drain under way, until dropped: when it ends, or when its future is dropped.
+pub(crate) struct DrainUnderWay<'a>(&'a Draining);
+
+impl Drop for DrainUnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.drains.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -262,8 +262,9 @@ impl AfterTasks {
         deadline::start();
         let shared = self.shared.clone();
         async move {
-            // Callbacks that watch `AfterContext::stopping` wrap up now, within the grace.
-            shared.draining().fire();
+            // Callbacks that watch `AfterContext::stopping` wrap up now, within the grace, and
+            // until the drain ends: a drain that ends in time leaves the layer as before.
+            let _under_way = shared.draining().start();
             let deadline = Instant::now().checked_add(grace);
             let turn = until(deadline, shared.drain.lock()).await;
             let before = shared.settled();

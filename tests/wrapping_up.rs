@@ -147,5 +147,9 @@ async fn after_a_drain_that_ended_in_time_stopping_waits_for_the_next_shutdown()
     let address = support::serve(app).await;
     support::fetch(address, "GET", "/").await;
     support::within("idle", tasks.idle()).await;
-    assert_eq!(*told.lock().unwrap(), Some(false), "told to stop with no shutdown under way");
+    assert_eq!(
+        *told.lock().unwrap(),
+        Some(false),
+        "told to stop with no shutdown under way"
+    );
 }
