@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use http_body_util::{BodyExt, Empty};
-use tower_after::{After, AfterContext, AfterLayer, MaxDuration};
+use tower_after::{After, AfterContext, AfterLayer, MaxDuration, Overloaded};
 
 /// What the access log wrote, one line per response.
 type AccessLog = Arc<Mutex<Vec<String>>>;
@@ -212,4 +212,36 @@ async fn refused_work_is_handed_back_to_the_caller() {
     support::within("idle", tasks.idle()).await;
     assert_eq!(*outcome.lock().unwrap(), ["ran in the handler"]);
     assert_eq!(tasks.stats().shed(), 1);
+}
+
+/// A refusal leaves through `?` as a boxed error, without its work: most futures are not `Sync`
+/// (this one holds a `Cell` across an `.await`), and `Box<dyn Error + Send + Sync>` or
+/// `anyhow::Error` take only errors that are.
+#[tokio::test]
+async fn a_refusal_leaves_through_the_question_mark_without_its_work() {
+    fn register(later: &After) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let work = async {
+            let rows = std::cell::Cell::new(0);
+            tokio::task::yield_now().await;
+            rows.set(1);
+        };
+        later.try_run(work).map_err(Overloaded::without_work)?;
+        Ok(())
+    }
+    let refusal = Arc::new(Mutex::new(None));
+    let record = refusal.clone();
+    let layer = AfterLayer::new().max_pending(0);
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |later: After| async move {
+                *record.lock().unwrap() = register(&later).err().map(|error| error.to_string());
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/").await;
+    let refusal = refusal.lock().unwrap().clone().expect("refused");
+    assert!(refusal.contains("AfterLayer::max_pending"), "{refusal}");
 }
