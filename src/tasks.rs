@@ -74,6 +74,25 @@ impl<W> Overloaded<W> {
     pub fn into_work(self) -> W {
         self.work
     }
+
+    /// The refusal alone, its work dropped: for `?` into an error type that takes only
+    /// `Send + Sync + 'static` errors (`Box<dyn Error + Send + Sync>`, `anyhow::Error`), which
+    /// a refusal carrying a future usually is not, since most futures are not `Sync`.
+    ///
+    /// ```
+    /// use tower_after::{After, Overloaded};
+    ///
+    /// fn schedule(later: &After) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ///     later
+    ///         .try_run(async { /* send the receipt */ })
+    ///         .map_err(Overloaded::without_work)?;
+    ///     Ok(())
+    /// }
+    /// ```
+    #[must_use]
+    pub fn without_work(self) -> Overloaded {
+        self.with_work(())
+    }
 }
 
 impl<W> fmt::Debug for Overloaded<W> {
