@@ -206,7 +206,8 @@
 //!   uncompressed ones. Both work.
 //! - `TraceLayer` either side. Its request span closes when the response ends, whatever the
 //!   callbacks still do: each callback runs in an `after` span of its own (see *Tracing*).
-//! - [`MaxDuration`] must be inside `AfterLayer`, which is where a route's `.layer()` puts it.
+//! - [`MaxDuration`] either side: inside (a route's `.layer()`), it sets the request's budget;
+//!   outside, it leaves it in the request for `AfterLayer` to take up. The innermost one wins.
 //!
 //! # Guarantees, and what they do not cover
 //!
@@ -290,9 +291,10 @@
 //! never keeps the request's span open, so the request's span (tower-http's `TraceLayer`, an
 //! OpenTelemetry server span) measures the response, not the work after it. The `after` span
 //! *follows from* the span that was current where the callback was registered (a link, in
-//! OpenTelemetry's terms) and records the request's `method` and `path`, and the callback's
-//! `name` for [`After::run_named`], so its lines can be traced back to the request. It is an
-//! `INFO` span, created only if a subscriber is interested in it.
+//! OpenTelemetry's terms) and records the request's `method`, `path` and `request_id` (its
+//! `x-request-id` header, if it has one), the callback's `name` for [`After::run_named`], and
+//! the `site`, the line of code that registered it, so its lines can be traced back to the
+//! request. It is an `INFO` span, created only if a subscriber is interested in it.
 //!
 //! The crate logs under the target `tower_after`, one line per event, not per callback: a `WARN`
 //! for each request whose budget cancelled callbacks and for each shutdown or Lambda invocation
@@ -305,7 +307,8 @@
 //!
 //! To tell two requests to the same path apart in callback logs, give requests an id and put
 //! tower-http's `SetRequestIdLayer` *outside* `AfterLayer`, so that the id is in the snapshot:
-//! `ctx.request().header("x-request-id")`.
+//! the `after` span and the crate's own lines then name it (`request_id`), and a callback reads
+//! it with `ctx.request().header("x-request-id")`.
 //!
 //! # Feature flags
 //!

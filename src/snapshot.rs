@@ -295,7 +295,7 @@ impl RequestSnapshot {
     }
 
     /// Whether the [`SnapshotConfig`]'s byte cap cut the method or the request target, or left
-    /// out headers. Headers left out because they are not in its keep-list do not count.
+    /// out the route template or headers. Headers left out because they are not in its keep-list do not count.
     ///
     /// A callback that needs a header can tell "not sent" from "not kept":
     ///
@@ -459,7 +459,14 @@ impl RequestSnapshot {
     /// It is there when [`AfterLayer`](crate::AfterLayer) is added with `Router::layer` (the
     /// usual way, which runs it after routing), and `None` when it wraps the router from
     /// outside (a `ServiceBuilder` around the whole `Router`), for requests no route matched
-    /// (the fallback), and without axum.
+    /// (the fallback), for a service mounted with `Router::nest_service` (a layer on the nested
+    /// `Router` itself sees its template), and without axum. It is always the whole template,
+    /// prefix included (`/api/users/{id}`), also for a layer on a router mounted with
+    /// `Router::nest`, whose [`path`](RequestSnapshot::path) has the prefix stripped.
+    ///
+    /// It is stored in the snapshot after the request target and counts against its
+    /// [cap](crate::SnapshotConfig::max_bytes) before the headers; one that does not fit is left
+    /// out, and the snapshot is [`truncated`](RequestSnapshot::truncated).
     ///
     /// ```
     /// # async fn log(ctx: tower_after::AfterContext) {

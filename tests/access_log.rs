@@ -245,3 +245,46 @@ async fn a_refusal_leaves_through_the_question_mark_without_its_work() {
     let refusal = refusal.lock().unwrap().clone().expect("refused");
     assert!(refusal.contains("AfterLayer::max_pending"), "{refusal}");
 }
+
+/// The route template under nesting, as `RequestSnapshot::matched_path` documents it: the whole
+/// template under `nest`, also for a layer on the nested router (whose path is stripped); none
+/// for a service mounted with `nest_service`, seen from outside it.
+#[tokio::test]
+async fn the_route_template_under_nested_routers() {
+    let log = AccessLog::default();
+    let writer = log.clone();
+    let layer = AfterLayer::new().after_each(move |ctx: AfterContext| {
+        let writer = writer.clone();
+        async move {
+            let request = ctx.request();
+            let route = request.matched_path().unwrap_or("-");
+            let line = format!("{} {route}", request.path());
+            writer.lock().unwrap().push(line);
+        }
+    });
+    let tasks = layer.tasks();
+    let users = Router::new()
+        .route("/users/{id}", get(|| async { "user" }))
+        .layer(layer.clone());
+    let items = Router::new().route("/items/{id}", get(|| async { "item" }));
+    let app = Router::new()
+        .nest("/api", users)
+        .nest_service("/svc", items)
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/api/users/2").await;
+    support::fetch(address, "GET", "/svc/items/3").await;
+    support::within("idle", tasks.idle()).await;
+
+    let mut lines = log.lock().unwrap().clone();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            // The outer layer, then the nested router's own.
+            "/api/users/2 /api/users/{id}",
+            "/svc/items/3 -",
+            "/users/2 /api/users/{id}",
+        ]
+    );
+}
