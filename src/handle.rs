@@ -166,6 +166,12 @@ impl After {
     /// id for an access log. One value per type, like request extensions: inserting a second
     /// one of the same type replaces the first, which is handed back.
     ///
+    /// The value lives as long as the request's state: until its response ended and its last
+    /// callback ended, or at once when nothing else holds the state. It must not hold this
+    /// request's `After` (or an [`AfterContext`] of it): the state would then hold itself, and
+    /// its snapshot, its place under [`max_held_bytes`](crate::AfterLayer::max_held_bytes) and
+    /// the value would never be freed. Leave the data the callbacks need, not the handle.
+    ///
     /// ```
     /// use tower_after::After;
     ///
