@@ -255,12 +255,10 @@ impl AfterLayer {
     ///
     /// ```
     /// use http::header::{COOKIE, USER_AGENT};
-    /// use http::HeaderName;
     /// use tower_after::{AfterLayer, SnapshotConfig};
     ///
-    /// let layer = AfterLayer::new().snapshot(
-    ///     SnapshotConfig::new().keep_headers([COOKIE, USER_AGENT, HeaderName::from_static("x-request-id")]),
-    /// );
+    /// // Keeps `x-request-id` too, always.
+    /// let layer = AfterLayer::new().snapshot(SnapshotConfig::new().keep_headers([COOKIE, USER_AGENT]));
     /// ```
     #[must_use]
     pub fn snapshot(mut self, snapshot: SnapshotConfig) -> Self {
