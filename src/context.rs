@@ -59,6 +59,18 @@ impl Data {
         replaced.and_then(|value| value.downcast().ok())
     }
 
+    /// Lets go of every value, outside the lock; a panic in a value's `Drop` is caught.
+    pub(crate) fn clear(&self) {
+        let values = self
+            .values
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if values.is_some() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(values)));
+        }
+    }
+
     pub(crate) fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
         let value = {
             let values = self.values.lock().unwrap_or_else(PoisonError::into_inner);

@@ -281,9 +281,21 @@ impl Inflight {
                 let inflight = self.clone();
                 host.after_response(Box::new(move || {
                     inflight.act(inflight.scope.finish(hook), true);
+                    inflight.release_data_if_done();
                 }));
             }
-            None => self.act(self.scope.finish(hook), true),
+            None => {
+                self.act(self.scope.finish(hook), true);
+                self.release_data_if_done();
+            }
+        }
+    }
+
+    /// Lets go of what the handler left (`After::insert`) once the request's work is done, so
+    /// that a value holding the request's own handle cannot keep the request alive for good.
+    fn release_data_if_done(&self) {
+        if self.scope.is_done() {
+            self.data.clear();
         }
     }
 
@@ -534,6 +546,7 @@ pin_project! {
             // Dropped before its work was done: the runtime is shutting down. Running callbacks
             // count themselves as cancelled when dropped; work not taken yet is dropped here.
             if *this.done {
+                this.inflight.release_data_if_done();
                 return;
             }
             let abandoned = this.inflight.scope.abandon();
@@ -562,6 +575,7 @@ pin_project! {
                     "after callbacks dropped: the runtime shut down before they ended"
                 );
             }
+            this.inflight.release_data_if_done();
         }
     }
 }

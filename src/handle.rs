@@ -166,11 +166,11 @@ impl After {
     /// id for an access log. One value per type, like request extensions: inserting a second
     /// one of the same type replaces the first, which is handed back.
     ///
-    /// The value lives as long as the request's state: until its response ended and its last
-    /// callback ended, or at once when nothing else holds the state. It must not hold this
-    /// request's `After` (or an [`AfterContext`] of it): the state would then hold itself, and
-    /// its snapshot, its place under [`max_held_bytes`](crate::AfterLayer::max_held_bytes) and
-    /// the value would never be freed. Leave the data the callbacks need, not the handle.
+    /// The value is kept until the request's work is done: its response ended and its last
+    /// callback ended (or, without callbacks, its response ended). Then it is dropped, even if
+    /// the value holds this request's own `After`, which would otherwise keep the request alive
+    /// for good. Work registered after that, from a task that kept a clone of the handle, sees
+    /// no value.
     ///
     /// ```
     /// use tower_after::After;

@@ -159,6 +159,13 @@ impl<J: Named> Scope<J> {
         Some(taken)
     }
 
+    /// Whether the request's work is done: its response finished, and no driver runs or work
+    /// waits. Work registered later starts a new driver, which makes it not done again.
+    pub(crate) fn is_done(&self) -> bool {
+        let state = self.state();
+        state.finished && matches!(state.driver, Driver::Absent) && state.queue.is_empty()
+    }
+
     /// For a driver that stops before its work is done (cancelled): everything it could still
     /// take, and its retirement, so that work arriving later spawns a new driver.
     pub(crate) fn abandon(&self) -> Taken<J> {
