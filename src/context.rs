@@ -192,7 +192,7 @@ impl AfterContext {
     /// # impl Batch { fn push(&mut self, _: u32) {} async fn commit(self) {} }
     /// # async fn next_row() -> u32 { tokio::time::sleep(Duration::from_millis(10)).await; 1 }
     /// async fn import(ctx: AfterContext, mut batch: Batch) {
-    ///     let mut stopping = std::pin::pin!(ctx.stopping());
+    ///     let mut stopping = ctx.stopping();
     ///     for _ in 0..10_000 {
     ///         tokio::select! {
     ///             _ = &mut stopping => break, // commit what we have while we can
@@ -202,7 +202,7 @@ impl AfterContext {
     ///     batch.commit().await;
     /// }
     /// ```
-    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + Unpin + 'static {
         self.request.stopping()
     }
 

@@ -22,7 +22,7 @@ struct Store {
 /// once told to stop, if it listens.
 async fn import(ctx: AfterContext, store: Store, listens: bool) {
     let mut batch = 0;
-    let mut stopping = std::pin::pin!(ctx.stopping());
+    let mut stopping = ctx.stopping();
     loop {
         tokio::select! {
             _ = &mut stopping, if listens => break,
