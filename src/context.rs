@@ -4,7 +4,7 @@ use std::any::{Any, TypeId};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -30,8 +30,9 @@ pub(crate) trait Finished: Send + Sync {
 /// `http::Extensions`. Values are shared, not cloned, so no user code runs under the lock.
 #[derive(Default)]
 pub(crate) struct Data {
-    /// Boxed: most requests leave nothing, and this is in every request's state.
-    values: Mutex<Option<Box<Values>>>,
+    /// Made on the first `insert`, boxed: most requests leave nothing, and this is in every
+    /// request's state. Whether it was made is read on every request's end, without a lock.
+    values: OnceLock<Box<Mutex<Values>>>,
 }
 
 /// One value per type, in insertion order: a request leaves a handful at most.
@@ -41,16 +42,21 @@ struct Values(Vec<(TypeId, Value)>);
 type Value = Arc<dyn Any + Send + Sync>;
 
 impl Data {
+    fn values(&self) -> Option<MutexGuard<'_, Values>> {
+        let values = self.values.get()?;
+        Some(values.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// Stores `value`, and hands back the value of its type it replaces.
     pub(crate) fn insert<T: Any + Send + Sync>(&self, value: T) -> Option<Arc<T>> {
         let value: Value = Arc::new(value);
         let replaced = {
-            let mut values = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-            let Values(values) = &mut **values.get_or_insert_with(Box::default);
-            match values.iter_mut().find(|(id, _)| *id == TypeId::of::<T>()) {
+            let values = self.values.get_or_init(Box::default);
+            let mut values = values.lock().unwrap_or_else(PoisonError::into_inner);
+            match values.0.iter_mut().find(|(id, _)| *id == TypeId::of::<T>()) {
                 Some((_, slot)) => Some(std::mem::replace(slot, value)),
                 None => {
-                    values.push((TypeId::of::<T>(), value));
+                    values.0.push((TypeId::of::<T>(), value));
                     None
                 }
             }
@@ -59,26 +65,23 @@ impl Data {
         replaced.and_then(|value| value.downcast().ok())
     }
 
+    /// Whether a value was ever left; cheap.
+    pub(crate) fn is_used(&self) -> bool {
+        self.values.get().is_some()
+    }
+
     /// Lets go of every value, outside the lock; a panic in a value's `Drop` is caught.
     pub(crate) fn clear(&self) {
-        let values = self
-            .values
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if values.is_some() {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(values)));
-        }
+        let Some(values) = self.values().map(|mut values| std::mem::take(&mut *values)) else {
+            return;
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(values)));
     }
 
     pub(crate) fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
         let value = {
-            let values = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-            let (_, value) = values
-                .as_ref()?
-                .0
-                .iter()
-                .find(|(id, _)| *id == TypeId::of::<T>())?;
+            let values = self.values()?;
+            let (_, value) = values.0.iter().find(|(id, _)| *id == TypeId::of::<T>())?;
             value.clone()
         };
         value.downcast().ok()
