@@ -293,7 +293,7 @@ impl Inflight {
 
     /// Lets go of what the handler left (`After::insert`) once the request's work is done, so
     /// that a value holding the request's own handle cannot keep the request alive for good.
-    fn release_data_if_done(&self) {
+    pub(crate) fn release_data_if_done(&self) {
         // The flag first: most requests leave nothing, and the check takes the scope's lock.
         if self.data.is_used() && self.scope.is_done() {
             self.data.clear();

@@ -170,7 +170,7 @@ impl After {
     /// callback ended (or, without callbacks, its response ended). Then it is dropped, even if
     /// the value holds this request's own `After`, which would otherwise keep the request alive
     /// for good. Work registered after that, from a task that kept a clone of the handle, sees
-    /// no value.
+    /// no value, and a value inserted then is dropped at once.
     ///
     /// ```
     /// use tower_after::After;
@@ -184,7 +184,10 @@ impl After {
     /// }
     /// ```
     pub fn insert<T: Any + Send + Sync>(&self, value: T) -> Option<Arc<T>> {
-        self.inflight.data.insert(value)
+        let replaced = self.inflight.data.insert(value);
+        // Too late: the work it was for is done.
+        self.inflight.release_data_if_done();
+        replaced
     }
 
     /// Runs `future` once the response has finished.

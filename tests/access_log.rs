@@ -330,3 +330,40 @@ async fn a_value_holding_the_request_s_handle_is_freed() {
     })
     .await;
 }
+
+/// The same cycle, made by a task that outlives its request and inserts once the request's work
+/// is done: the value is dropped at once.
+#[tokio::test]
+async fn a_value_holding_the_handle_inserted_after_the_work_is_dropped_at_once() {
+    struct RequestContext {
+        _later: After,
+    }
+    let (kept, late) = tokio::sync::oneshot::channel::<After>();
+    let kept = Arc::new(Mutex::new(Some(kept)));
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |later: After| async move {
+                let sender = kept.lock().unwrap().take().unwrap();
+                let _ = sender.send(later.clone());
+                later.run(async {});
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    support::fetch(address, "GET", "/").await;
+    let later = late.await.unwrap();
+    support::within("idle", tasks.idle()).await;
+    // Long after: the request's work is done, and the value would keep its state alive.
+    later.insert(RequestContext {
+        _later: later.clone(),
+    });
+    drop(later);
+    support::eventually("the late value to be dropped", || {
+        tasks.stats().held_bytes() == 0
+    })
+    .await;
+}
