@@ -178,7 +178,9 @@ async fn under_cargo_lambda_watch_callbacks_run_after_the_response() {
     // it, which it does once the report's callback has ended, 2 s after the report's response
     // was posted. Without the wait it comes within milliseconds; the bound leaves a second for
     // the report's response to reach this client on a loaded machine.
-    let checkout = call(&client, port, Method::POST, "/checkout").await;
+    let checkout = tokio::time::timeout(DEADLINE, call(&client, port, Method::POST, "/checkout"))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to the checkout:\n{}", emulator.log()));
     let waited = answered.elapsed();
     assert_eq!(checkout, (StatusCode::OK, "ordered\n".to_owned()));
     assert!(
