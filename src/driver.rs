@@ -45,7 +45,7 @@ use crate::callback::{
 };
 use crate::context::{Data, Finished};
 use crate::host::{self, HostRef};
-use crate::ledger::{Ended, Refusal, Refused, Shared, Ticket};
+use crate::ledger::{Draining, Ended, Refusal, Refused, Shared, Ticket};
 use crate::scope::{Next, Scope, Start};
 use crate::tasks::Overloaded;
 use crate::{AfterContext, Completion, Outcome, RequestSnapshot, SnapshotConfig};
@@ -248,7 +248,9 @@ impl Inflight {
     }
 
     /// Records how the response ended and hands its work to a driver. Called exactly once, from
-    /// the response's future or body, so it stays cheap and runs no user code.
+    /// the response's future or body, so it stays cheap and runs no user code but one: the
+    /// `Drop` of values the handler left (`After::insert`) when the request has no work, which
+    /// the last clone of its handle would otherwise run there anyway.
     pub(crate) fn finish(
         self: &Arc<Self>,
         status: Option<StatusCode>,
@@ -461,11 +463,15 @@ impl Finished for Inflight {
     }
 
     fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let draining = self.shared().draining();
-        // Made before the count is read: it hears every drain that starts from then on.
-        let drain = draining.started();
-        // Under way, or over with its work written off (the layer takes no more).
-        if draining.is_under_way() || self.shared().shutdown().is_fired() {
+        // Its own layer's drains, and its host's (a Lambda drain made for another layer).
+        let own = self.shared().draining();
+        let host = self.host.as_ref().and_then(|host| host.draining());
+        // Made before the counts are read: they hear every drain that starts from then on.
+        let own_started = own.started();
+        let host_started = host.map(Draining::started);
+        // Under way, or over with the work stopped (the layer takes no more).
+        let under_way = own.is_under_way() || host.is_some_and(Draining::is_under_way);
+        if under_way || self.cancelled().is_some() {
             return Box::pin(std::future::ready(()));
         }
         // A tenth of the time the work had, at most `NOTICE`, before its end.
@@ -476,12 +482,23 @@ impl Finished for Inflight {
             end - (had / 10).min(NOTICE)
         });
         Box::pin(async move {
+            let host_started = async move {
+                match host_started {
+                    Some(started) => started.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (own_started, host_started) =
+                (std::pin::pin!(own_started), std::pin::pin!(host_started));
+            let drain = futures_util::future::select(own_started, host_started);
             match notice {
                 Some(notice) => {
                     let sleep = std::pin::pin!(tokio::time::sleep_until(notice));
-                    futures_util::future::select(std::pin::pin!(drain), sleep).await;
+                    futures_util::future::select(drain, sleep).await;
                 }
-                None => drain.await,
+                None => {
+                    drain.await;
+                }
             }
         })
     }

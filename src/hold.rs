@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::callback::Stop;
 use crate::host::{self, Host, HostRef};
-use crate::ledger::{Shared, StopSignal};
+use crate::ledger::{Draining, Shared, StopSignal};
 
 type Deferred = Box<dyn FnOnce() + Send>;
 
@@ -167,6 +167,10 @@ impl Host for Invocation {
 
     fn deadline(&self) -> Option<Instant> {
         self.cap
+    }
+
+    fn draining(&self) -> Option<&Draining> {
+        Some(self.drain.draining())
     }
 
     fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {

@@ -17,6 +17,7 @@ use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
 use crate::callback::Stop;
+use crate::ledger::Draining;
 
 /// A platform that runs a request's after-work on its own terms.
 pub(crate) trait Host: Send + Sync {
@@ -39,6 +40,10 @@ pub(crate) trait Host: Send + Sync {
     /// When it stops its requests' work, if it knows (a Lambda invocation's deadline, less its
     /// margin): what `AfterContext::deadline` and `stopping` count down to.
     fn deadline(&self) -> Option<Instant>;
+
+    /// The drains that stop its requests' work besides their own layer's (the layer a Lambda
+    /// drain was made for): `AfterContext::stopping` hears them start.
+    fn draining(&self) -> Option<&Draining>;
 }
 
 /// A shared host, behind a thin pointer: every request that has one holds it.
@@ -67,6 +72,10 @@ impl<H: Host> Host for Arc<H> {
 
     fn deadline(&self) -> Option<Instant> {
         (**self).deadline()
+    }
+
+    fn draining(&self) -> Option<&Draining> {
+        (**self).draining()
     }
 }
 

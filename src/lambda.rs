@@ -573,6 +573,47 @@ mod tests {
         assert_eq!((stats.completed(), stats.timed_out()), (1, 0));
     }
 
+    /// A route's own layer inside the invocation: a shutdown of the layer the drain was made for
+    /// (SIGTERM's `graceful_shutdown`) stops its work too, so it tells it to wrap up as well.
+    #[tokio::test]
+    async fn a_drain_of_the_drain_s_layer_tells_another_layer_s_callbacks_to_wrap_up() {
+        let outer = AfterLayer::new();
+        let inner = AfterLayer::new();
+        let (started, committed) = (Arc::<AtomicBool>::default(), Arc::<AtomicBool>::default());
+        let (on_start, on_commit) = (started.clone(), committed.clone());
+        let app = inner.layer(service_fn(move |request: Request<()>| {
+            let (started, committed) = (on_start.clone(), on_commit.clone());
+            let after = request.extensions().get::<After>().unwrap().clone();
+            after.run_with(move |ctx| async move {
+                // Listening from here on: a drain that starts later is heard.
+                let stopping = ctx.stopping();
+                started.store(true, Ordering::SeqCst);
+                stopping.await;
+                committed.store(true, Ordering::SeqCst);
+            });
+            async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
+        }));
+        let function = service_fn(move |_: LambdaInvocation| {
+            let app = app.clone();
+            async move {
+                drop(app.oneshot(Request::new(())).await?);
+                Ok::<_, Infallible>(())
+            }
+        });
+        let service = DrainLayer::new(outer.tasks()).layer(function);
+        let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(600))));
+        eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
+
+        outer.tasks().shutdown(Duration::from_secs(20)).await;
+        eventually("the callback to commit", || {
+            committed.load(Ordering::SeqCst)
+        })
+        .await;
+        drain.await.unwrap().unwrap();
+        let stats = inner.tasks().stats();
+        assert_eq!((stats.completed(), stats.cancelled()), (1, 0));
+    }
+
     #[tokio::test]
     async fn a_second_layer_s_shutdown_stops_its_work_inside_an_invocation() {
         // The drain is made from the outer layer's tasks; a route has a layer of its own.
