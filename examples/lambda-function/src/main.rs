@@ -8,7 +8,7 @@
 //! (`examples/lambda-function`):
 //!
 //! ```not_rust
-//! pip install cargo-lambda
+//! pip install cargo-lambda   # or pipx, where the system's Python refuses pip
 //! cargo lambda watch --invoke-address 127.0.0.1
 //! ```
 //!
