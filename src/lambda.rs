@@ -539,20 +539,36 @@ mod tests {
         assert_eq!(layer.tasks().stats().timed_out(), 0);
     }
 
-    /// A callback that watches `stopping` is told before the invocation's deadline cuts it, and
-    /// commits in time: `DrainLayer`'s cap, not only the budget, counts.
-    #[tokio::test]
-    async fn a_callback_is_told_to_wrap_up_before_the_invocation_s_deadline() {
-        let layer = AfterLayer::new().max_duration(Duration::MAX);
-        let committed = Arc::new(AtomicBool::new(false));
-        let flag = committed.clone();
+    /// What the callback of [`committing`] did: started listening to `stopping`, saw a deadline,
+    /// committed.
+    #[derive(Default)]
+    struct Commits {
+        started: AtomicBool,
+        knew_its_deadline: AtomicBool,
+        committed: AtomicBool,
+    }
+
+    /// A function serving one request through `layer`, whose callback listens to `stopping`
+    /// from its start, and commits once told.
+    fn committing(
+        layer: &AfterLayer,
+    ) -> (
+        Arc<Commits>,
+        impl Service<LambdaInvocation, Response = (), Error = Infallible, Future: Send>,
+    ) {
+        let commits = Arc::new(Commits::default());
+        let seen = commits.clone();
         let app = layer.layer(service_fn(move |request: Request<()>| {
-            let flag = flag.clone();
+            let seen = seen.clone();
             let after = request.extensions().get::<After>().unwrap().clone();
             after.run_with(move |ctx| async move {
-                assert!(ctx.deadline().is_some(), "the invocation's deadline");
-                ctx.stopping().await;
-                flag.store(true, Ordering::SeqCst);
+                // Listening from here on: a drain that starts later is heard.
+                let stopping = ctx.stopping();
+                let knew = ctx.deadline().is_some();
+                seen.knew_its_deadline.store(knew, Ordering::SeqCst);
+                seen.started.store(true, Ordering::SeqCst);
+                stopping.await;
+                seen.committed.store(true, Ordering::SeqCst);
             });
             async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
         }));
@@ -563,12 +579,25 @@ mod tests {
                 Ok::<_, Infallible>(())
             }
         });
+        (commits, function)
+    }
+
+    /// A callback that watches `stopping` is told before the invocation's deadline cuts it, and
+    /// commits in time: `DrainLayer`'s cap, not only the budget, counts.
+    #[tokio::test]
+    async fn a_callback_is_told_to_wrap_up_before_the_invocation_s_deadline() {
+        let layer = AfterLayer::new().max_duration(Duration::MAX);
+        let (commits, function) = committing(&layer);
         let service = DrainLayer::new(layer.tasks()).layer(function);
         service
             .oneshot(invocation(Duration::from_millis(1_500)))
             .await
             .unwrap();
-        assert!(committed.load(Ordering::SeqCst), "told before the deadline");
+        assert!(commits.knew_its_deadline.load(Ordering::SeqCst));
+        assert!(
+            commits.committed.load(Ordering::SeqCst),
+            "told before the deadline"
+        );
         let stats = layer.tasks().stats();
         assert_eq!((stats.completed(), stats.timed_out()), (1, 0));
     }
@@ -579,34 +608,17 @@ mod tests {
     async fn a_drain_of_the_drain_s_layer_tells_another_layer_s_callbacks_to_wrap_up() {
         let outer = AfterLayer::new();
         let inner = AfterLayer::new();
-        let (started, committed) = (Arc::<AtomicBool>::default(), Arc::<AtomicBool>::default());
-        let (on_start, on_commit) = (started.clone(), committed.clone());
-        let app = inner.layer(service_fn(move |request: Request<()>| {
-            let (started, committed) = (on_start.clone(), on_commit.clone());
-            let after = request.extensions().get::<After>().unwrap().clone();
-            after.run_with(move |ctx| async move {
-                // Listening from here on: a drain that starts later is heard.
-                let stopping = ctx.stopping();
-                started.store(true, Ordering::SeqCst);
-                stopping.await;
-                committed.store(true, Ordering::SeqCst);
-            });
-            async { Ok::<_, Infallible>(Response::new(Empty::<bytes::Bytes>::new())) }
-        }));
-        let function = service_fn(move |_: LambdaInvocation| {
-            let app = app.clone();
-            async move {
-                drop(app.oneshot(Request::new(())).await?);
-                Ok::<_, Infallible>(())
-            }
-        });
+        let (commits, function) = committing(&inner);
         let service = DrainLayer::new(outer.tasks()).layer(function);
         let drain = tokio::spawn(service.oneshot(invocation(Duration::from_secs(600))));
-        eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
+        eventually("the callback to start", || {
+            commits.started.load(Ordering::SeqCst)
+        })
+        .await;
 
         outer.tasks().shutdown(Duration::from_secs(20)).await;
         eventually("the callback to commit", || {
-            committed.load(Ordering::SeqCst)
+            commits.committed.load(Ordering::SeqCst)
         })
         .await;
         drain.await.unwrap().unwrap();
