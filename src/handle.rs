@@ -337,16 +337,7 @@ impl After {
     /// [`Overloaded`], carrying `future`, when the layer refuses new work.
     #[track_caller]
     pub fn try_run<F: AfterWork>(&self, future: F) -> Result<(), Overloaded<F>> {
-        match self.inflight.admit(None) {
-            Ok(ticket) => {
-                let work = Plain::new(future);
-                let site = Location::caller();
-                self.inflight
-                    .enqueue(ticket, work, None, Start::AfterResponse, site);
-                Ok(())
-            }
-            Err(refused) => Err(refused.with_work(future)),
-        }
+        self.try_register(future, Plain::new)
     }
 
     /// Like [`After::run_with`], and says whether the work was accepted: see [`After::try_run`].
@@ -371,15 +362,25 @@ impl After {
         C: FnOnce(AfterContext) -> F + Send + 'static,
         F: AfterWork,
     {
+        self.try_register(callback, WithContext::new)
+    }
+
+    /// Registers `work`, made a callback by `callback`, for after the response, or hands it
+    /// back, unused, when the layer refuses it.
+    #[track_caller]
+    fn try_register<W, C: Callback + 'static>(
+        &self,
+        work: W,
+        callback: impl FnOnce(W) -> C,
+    ) -> Result<(), Overloaded<W>> {
         match self.inflight.admit(None) {
             Ok(ticket) => {
-                let work = WithContext::new(callback);
                 let site = Location::caller();
                 self.inflight
-                    .enqueue(ticket, work, None, Start::AfterResponse, site);
+                    .enqueue(ticket, callback(work), None, Start::AfterResponse, site);
                 Ok(())
             }
-            Err(refused) => Err(refused.with_work(callback)),
+            Err(refused) => Err(refused.with_work(work)),
         }
     }
 
