@@ -59,12 +59,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use leptos::prelude::*;
-use leptos_axum::{generate_route_list, LeptosRoutes};
+use leptos_axum::{generate_route_list, AxumRouteListing, LeptosRoutes};
 use leptos_router::components::{Route, Router as LeptosRouter, Routes};
 use leptos_router::StaticSegment;
 use tower_after::{After, AfterContext, AfterLayer, AfterTasks, Completion};
@@ -291,6 +291,18 @@ fn HomePage() -> impl IntoView {
     }
 }
 
+/// The app's routes, generated once per process.
+///
+/// While Leptos generates a route list, it keeps every resource in the process from loading (the
+/// switch is process-wide), so a page rendered at that moment by another server of the same
+/// process never finishes its stream. A program builds its app once and never sees this; a test
+/// suite builds one per test, in parallel, and would hang now and then. Generating the list once,
+/// before any server of the process serves, rules it out.
+pub fn routes() -> Vec<AxumRouteListing> {
+    static ROUTES: LazyLock<Vec<AxumRouteListing>> = LazyLock::new(|| generate_route_list(App));
+    ROUTES.clone()
+}
+
 /// The Leptos app and its server functions, inside an [`AfterLayer`], and the handle that drains
 /// its callbacks at shutdown.
 pub fn app(services: Services) -> (Router, AfterTasks) {
@@ -303,7 +315,7 @@ pub fn app(services: Services) -> (Router, AfterTasks) {
         // The pages' routes, and one for each server function.
         .leptos_routes_with_context(
             &options,
-            generate_route_list(App),
+            routes(),
             move || provide_context(services.clone()),
             shell,
         )

@@ -7,7 +7,7 @@
 //! asserts how long anything took.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -16,10 +16,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leptos::prelude::*;
-use leptos_axum::{generate_route_list, LeptosRoutes};
+use leptos_axum::{generate_route_list, AxumRouteListing, LeptosRoutes};
 use leptos_router::components::{Route, Router as LeptosRouter, Routes};
 use leptos_router::StaticSegment;
-use server_functions::{app, shell, subscribe, Action, Analytics, App, Mailer, Services};
+use server_functions::{app, routes, shell, subscribe, Action, Analytics, Mailer, Services};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -114,6 +114,22 @@ struct Server {
     serving: JoinHandle<()>,
 }
 
+/// The route lists of both apps of these tests, generated before any test serves: while Leptos
+/// generates one, no resource of the process loads, and a page that another test renders at that
+/// moment would hang (see [`routes`]).
+struct RouteLists {
+    app: Vec<AxumRouteListing>,
+    probe: Vec<AxumRouteListing>,
+}
+
+fn route_lists() -> &'static RouteLists {
+    static LISTS: LazyLock<RouteLists> = LazyLock::new(|| RouteLists {
+        app: routes(),
+        probe: generate_route_list(ProbeApp),
+    });
+    &LISTS
+}
+
 /// `router` served on 127.0.0.1 by a task of the current runtime.
 async fn serve(router: axum::Router, tasks: AfterTasks) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -198,6 +214,7 @@ fn form_post(addr: SocketAddr, form: &'static str) -> Request<Full<Bytes>> {
 }
 
 async fn serve_app(services: Services) -> Server {
+    route_lists();
     let (router, tasks) = app(services);
     serve(router, tasks).await
 }
@@ -418,7 +435,7 @@ async fn during_rendering_the_free_function_reaches_the_request_only_until_the_f
     let router = axum::Router::new()
         .leptos_routes_with_context(
             &options,
-            generate_route_list(ProbeApp),
+            route_lists().probe.clone(),
             {
                 let seen = seen.clone();
                 move || provide_context(seen.clone())
@@ -494,7 +511,7 @@ async fn an_after_layer_added_before_leptos_routes_misses_the_server_functions()
         .layer(layer)
         .leptos_routes_with_context(
             &options,
-            generate_route_list(App),
+            route_lists().app.clone(),
             move || provide_context(services.clone()),
             shell,
         )
