@@ -98,7 +98,9 @@ impl<B: Body> Body for AfterBody<B> {
                         finisher.on_drop = Completion::Complete;
                     }
                 }
-                if this.inner.is_end_stream() {
+                // Trailers are a body's last frame: servers (hyper, over HTTP/1.1 and HTTP/2)
+                // send them as the end and drop the body without polling it again.
+                if frame.is_trailers() || this.inner.is_end_stream() {
                     finisher.finish(Completion::Complete);
                 }
             }

@@ -5,7 +5,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -284,4 +284,105 @@ async fn a_thousand_concurrent_requests_each_see_only_their_own_cookies() {
         assert_eq!(seen.completion, Completion::Complete);
     }
     idle(&tasks).await;
+}
+
+/// A streamed body, with no length known in advance (a gRPC server stream, a body built from a
+/// stream of frames): data, then trailers. Like most streamed bodies, it never claims
+/// `is_end_stream()` on its own.
+fn data_then_trailers() -> Body {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = futures_util::stream::iter([
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"hello"))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ]);
+    Body::new(http_body_util::StreamBody::new(frames))
+}
+
+async fn serve_trailers() -> (
+    std::net::SocketAddr,
+    AfterTasks,
+    Arc<Mutex<Vec<Completion>>>,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let app = Router::new()
+        .route(
+            "/stream",
+            get(move |later: After| {
+                let record = record.clone();
+                async move {
+                    later.run_with(move |ctx| async move {
+                        record.lock().unwrap().push(ctx.outcome().completion());
+                    });
+                    http::Response::new(data_then_trailers())
+                }
+            }),
+        )
+        .layer(layer);
+    (serve(app).await, tasks, seen)
+}
+
+/// The callback ran once, and saw a response sent in full.
+async fn ran_once_complete(tasks: &AfterTasks, seen: &Mutex<Vec<Completion>>) {
+    support::eventually("the callback", || !seen.lock().unwrap().is_empty()).await;
+    within("the callbacks to end", tasks.idle()).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Completion::Complete],
+        "a response sent in full, trailers included, is seen as a client that left"
+    );
+}
+
+/// hyper (HTTP/2 and HTTP/1.1 alike) sends a trailers frame as the end of the response and then
+/// drops the body without polling it again: the response was sent in full, and its callbacks
+/// must see `Completion::Complete`, not a client that left.
+#[tokio::test]
+async fn trailers_end_a_streamed_response_over_http2() {
+    let (address, tasks, seen) = serve_trailers().await;
+    let stream = TcpStream::connect(address).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{address}/stream"))
+        .body(Empty::new())
+        .unwrap();
+    let response = within("the response", sender.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let collected = within("the body", response.into_body().collect())
+        .await
+        .unwrap();
+    // The client got everything: the data and the trailers.
+    assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), "hello");
+
+    ran_once_complete(&tasks, &seen).await;
+}
+
+/// The same over HTTP/1.1 with chunked encoding: hyper writes the trailers, ends the message,
+/// and drops the body.
+#[tokio::test]
+async fn trailers_end_a_streamed_response_over_http1() {
+    let (address, tasks, seen) = serve_trailers().await;
+    let request = http::Request::get(format!("http://{address}/stream"))
+        .header("te", "trailers")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within("the response", support::client().request(request))
+        .await
+        .unwrap();
+    let collected = within("the body", response.into_body().collect())
+        .await
+        .unwrap();
+    assert_eq!(collected.to_bytes(), "hello");
+
+    ran_once_complete(&tasks, &seen).await;
 }
