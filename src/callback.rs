@@ -17,6 +17,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tracing::Span;
 
+use crate::context::drop_caught;
 use crate::ledger::{Ended, Gauge, Ticket};
 use crate::scope::Named;
 use crate::{AfterContext, RequestSnapshot};
@@ -517,10 +518,6 @@ fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: Box<dyn Any +
         panic = message,
         "after callback panicked"
     );
-    // A payload whose own `Drop` panics would escape here: catch that, and leak what it threw
-    // rather than unwind through the driver.
-    if let Err(again) = catch_unwind(AssertUnwindSafe(|| drop(panic))) {
-        #[allow(clippy::mem_forget)]
-        std::mem::forget(again);
-    }
+    // A payload whose own `Drop` panics would escape here, through the driver.
+    drop_caught(panic);
 }

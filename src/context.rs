@@ -3,6 +3,7 @@
 use std::any::{Any, TypeId};
 use std::fmt;
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -75,7 +76,7 @@ impl Data {
         let Some(values) = self.values().map(|mut values| std::mem::take(&mut *values)) else {
             return;
         };
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(values)));
+        drop_caught(values);
     }
 
     pub(crate) fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
@@ -85,6 +86,18 @@ impl Data {
             value.clone()
         };
         value.downcast().ok()
+    }
+}
+
+/// Drops `value` without unwinding: runs where a panic must not escape (a `Drop`, a driver, a
+/// response's `poll`). A panic in its `Drop` is caught, and so is one in the `Drop` of that
+/// panic's payload; what the second one threw is leaked.
+pub(crate) fn drop_caught<T>(value: T) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
+        if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+            #[allow(clippy::mem_forget)]
+            std::mem::forget(again);
+        }
     }
 }
 

@@ -367,3 +367,55 @@ async fn a_value_holding_the_handle_inserted_after_the_work_is_dropped_at_once()
     })
     .await;
 }
+
+/// A panic payload whose own `Drop` panics.
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("the payload's drop");
+        }
+    }
+}
+
+/// A value for `After::insert` whose `Drop` panics with a `PanicsWhenDropped` payload.
+struct Bomb;
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            std::panic::panic_any(PanicsWhenDropped);
+        }
+    }
+}
+
+/// The crate catches a panic in the `Drop` of a value the handler left (`Data::clear`), and it
+/// catches a panicking callback whose payload panics on drop (`log_panic`). But the payload it
+/// caught in `Data::clear` is dropped with `let _ = ..`, outside any `catch_unwind`: its panic
+/// escapes from the response's `Drop` (here) or from the body's `poll_frame` into the server.
+#[tokio::test]
+async fn a_left_value_whose_drop_panics_with_a_panicking_payload_does_not_escape_the_response() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let service = tower::Layer::layer(
+        &layer,
+        tower::service_fn(|request: http::Request<()>| {
+            let later = request.extensions().get::<After>().unwrap().clone();
+            async move {
+                later.insert(Bomb);
+                Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
+            }
+        }),
+    );
+    let response = tower::ServiceExt::oneshot(service, http::Request::new(()))
+        .await
+        .unwrap();
+    // The request has no work: dropping its response ends it, and lets go of what it left.
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(response)));
+    assert!(
+        dropped.is_ok(),
+        "dropping the response panicked: a user's panic escaped the crate's Drop"
+    );
+    support::within("the request's end", tasks.idle()).await;
+}
