@@ -281,12 +281,14 @@ impl AfterTasks {
         deadline::start();
         let shared = self.shared.clone();
         async move {
-            // Callbacks that watch `AfterContext::stopping` wrap up now, within the grace, and
-            // until the drain ends: a drain that ends in time leaves the layer as before.
-            let _under_way = shared.draining().start();
             let deadline = Instant::now().checked_add(grace);
             let turn = until(deadline, shared.drain.lock()).await;
             let before = shared.settled();
+            // Callbacks that watch `AfterContext::stopping` wrap up now, within the grace, and
+            // until the drain ends: a drain that ends in time leaves the layer as before. Told
+            // only once the totals are read, so that one that wraps up at once is in this
+            // report. A drain waiting for another's turn needs not tell them: that one has.
+            let _under_way = shared.draining().start();
             let drained = turn.is_some() && until(deadline, shared.idle()).await.is_some();
             let written_off = if drained { 0 } else { shared.write_off() };
             if !drained {

@@ -153,3 +153,72 @@ async fn after_a_drain_that_ended_in_time_stopping_waits_for_the_next_shutdown()
         "told to stop with no shutdown under way"
     );
 }
+
+/// `ShutdownReport`: "Every callback pending when the drain started, or registered during it, is
+/// counted exactly once, in this report or in that of a drain running at the same time". The
+/// drain tells callbacks to wrap up (`AfterContext::stopping`) *before* it reads the totals it
+/// reports the difference of: a callback that wraps up at once, on another worker, and ends in
+/// between, is counted in neither reading's difference, so in no report at all.
+///
+/// A race: the callback spins on `stopping()` on one worker thread so as to end as soon as the
+/// drain starts; over many rounds, some round loses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_that_wraps_up_as_the_drain_starts_is_in_its_report() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::AtomicBool;
+    use std::task::Poll;
+
+    let mut missed = 0;
+    const ROUNDS: usize = 300;
+    for _ in 0..ROUNDS {
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        let service = tower::Layer::layer(
+            &layer,
+            tower::service_fn(move |request: http::Request<()>| {
+                let later = request.extensions().get::<After>().unwrap().clone();
+                let flag = flag.clone();
+                later.run_with(move |ctx| {
+                    std::future::poll_fn(move |cx| {
+                        flag.store(true, Ordering::SeqCst);
+                        // Wraps up as soon as it is told to: a callback that watches `stopping()`
+                        // and has nothing left to flush.
+                        loop {
+                            let mut stopping = ctx.stopping();
+                            if Pin::new(&mut stopping).poll(cx).is_ready() {
+                                return Poll::Ready(());
+                            }
+                            std::hint::spin_loop();
+                        }
+                    })
+                });
+                async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                        bytes::Bytes,
+                    >::new(
+                    )))
+                }
+            }),
+        );
+        let response = tower::ServiceExt::oneshot(service, http::Request::new(()))
+            .await
+            .unwrap();
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        support::eventually("the callback to start", || started.load(Ordering::SeqCst)).await;
+        let report = support::within("the drain", tasks.shutdown(Duration::from_secs(10))).await;
+        assert_eq!(tasks.stats().completed(), 1);
+        if report.total() != 1 {
+            missed += 1;
+        }
+    }
+    assert_eq!(
+        missed, 0,
+        "in {missed} of {ROUNDS} drains, the one pending callback, which completed during the \
+         drain, was in the report of no drain"
+    );
+}
