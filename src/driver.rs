@@ -1266,6 +1266,7 @@ mod tests {
         use tracing_subscriber::layer::SubscriberExt;
 
         let spans = Spans::default();
+        crate::test_util::ask_every_subscriber();
         let _guard =
             tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
         let layer = AfterLayer::new();

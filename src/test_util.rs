@@ -155,6 +155,18 @@ impl Body for TestBody {
     }
 }
 
+/// Call before setting a subscriber for one test. Tracing caches, for the whole process, whether
+/// each log statement is wanted. While only one subscriber exists, it asks the default of
+/// whichever thread reaches a statement first: a test without logs, running alongside on another
+/// thread, would switch this test's statements off for good. With a second subscriber alive for
+/// good, tracing asks every subscriber, wherever it runs.
+pub(crate) fn ask_every_subscriber() {
+    static SECOND: std::sync::LazyLock<tracing::Dispatch> = std::sync::LazyLock::new(|| {
+        tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default())
+    });
+    std::sync::LazyLock::force(&SECOND);
+}
+
 /// Captures what `tracing` logs while it is alive, on this thread.
 pub(crate) struct Logs {
     buffer: Arc<Mutex<Vec<u8>>>,
@@ -170,6 +182,7 @@ impl Logs {
             .with_ansi(false)
             .with_writer(move || LogWriter(writer.clone()))
             .finish();
+        ask_every_subscriber();
         let guard = tracing::subscriber::set_default(subscriber);
         Self {
             buffer,

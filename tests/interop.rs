@@ -169,6 +169,7 @@ async fn callback_logs_name_their_request_outside_the_trace_layer_span() {
         .with_ansi(false)
         .with_writer(move || Capture(writer.clone()))
         .finish();
+    support::ask_every_subscriber();
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let layer = AfterLayer::new();

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -127,6 +127,17 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// Call before setting a subscriber for one test. Tracing caches, for the whole process, whether
+/// each log statement is wanted. While only one subscriber exists, it asks the default of
+/// whichever thread reaches a statement first: a test without logs, running alongside on another
+/// thread, would switch this test's statements off for good. With a second subscriber alive for
+/// good, tracing asks every subscriber, wherever it runs.
+pub fn ask_every_subscriber() {
+    static SECOND: LazyLock<tracing::Dispatch> =
+        LazyLock::new(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+    LazyLock::force(&SECOND);
+}
+
 /// What a tracing subscriber writes, as text: installed for the current thread while the guard
 /// lives (use a current-thread runtime, so that the callbacks log here too).
 pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
@@ -137,6 +148,7 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
+    ask_every_subscriber();
     (logs, tracing::subscriber::set_default(subscriber))
 }
 
