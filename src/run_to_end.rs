@@ -53,7 +53,9 @@ use crate::After;
 /// registers afterwards runs as soon as it is registered. Outside `AfterLayer`, the rest of the
 /// handler runs on, untracked.
 ///
-/// A panic in the handler reaches the layers outside it, as without this layer. The handler's
+/// A panic in the handler reaches the layers outside it, as without this layer; once its client
+/// left, it is the work's panic: logged at `ERROR` and counted in
+/// [`AfterStats::panicked`](crate::AfterStats::panicked). The handler's
 /// future, response and error must be `Send + 'static`, as axum's are.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunToEndLayer {
@@ -157,7 +159,13 @@ pin_project! {
             // Refused (the layer is overloaded or shut down), the handler runs on untracked:
             // the task is only aborted once its tracking has begun.
             after.wait_until(async move {
-                let _ = AbortOnDrop(task).await;
+                // A panic in the rest of the handler is this work's: counted and logged as such.
+                // Cancelled, the task was aborted with this work, which is then gone too.
+                if let Err(error) = AbortOnDrop(task).await {
+                    if let Ok(panic) = error.try_into_panic() {
+                        std::panic::resume_unwind(panic);
+                    }
+                }
             });
         }
     }

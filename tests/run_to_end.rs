@@ -120,3 +120,39 @@ async fn a_panicking_handler_still_reaches_the_layers_outside() {
     let (status, _) = support::fetch(address, "POST", "/orders").await;
     assert_eq!(status, 500);
 }
+
+/// The rest of a handler whose client left runs as the request's `wait_until` work: when it
+/// panics, it is counted in `panicked` (and logged), like any `wait_until` future that panics,
+/// not as completed.
+#[tokio::test]
+async fn a_handler_that_panics_after_its_client_left_is_counted_as_panicked() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = Arc::new(std::sync::Mutex::new(Some(released)));
+    let handler = tower::service_fn(move |_: http::Request<()>| {
+        let released = released.lock().unwrap().take().unwrap();
+        async move {
+            let _ = released.await;
+            if true {
+                panic!("a handler bug, after the client left");
+            }
+            let body = http_body_util::Empty::<bytes::Bytes>::new();
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        }
+    });
+    let service = tower::Layer::layer(&layer, tower::Layer::layer(&RunToEndLayer::new(), handler));
+    let mut call = Box::pin(tower::ServiceExt::oneshot(service, http::Request::new(())));
+    assert!(futures_util::poll!(call.as_mut()).is_pending());
+    // The client leaves: the rest of the handler becomes pending work of the request.
+    drop(call);
+    eventually("the rest of the handler pending", || tasks.pending() == 1).await;
+    release.send(()).unwrap();
+    support::within("the handler's end", tasks.idle()).await;
+    let stats = tasks.stats();
+    assert_eq!(
+        (stats.panicked(), stats.completed()),
+        (1, 0),
+        "the handler's panic was counted as a completed callback: {stats:?}"
+    );
+}
