@@ -228,19 +228,19 @@ impl Shared {
         })
     }
 
-    /// Accounts for the end of a pending callback: its total first, then the pending count, so
-    /// that whoever sees the pending count at zero also sees the total.
+    /// Accounts for the end of a pending callback: its totals first (ours and the published
+    /// one), then the pending count, so that whoever sees the pending count at zero also sees
+    /// the totals. No lock is held meanwhile; a shutdown writing work off waits for it, at most
+    /// a moment.
     fn ended(&self, how: Ended) {
         let left = self.pending.end(|| {
             self.totals.of(how).fetch_add(1, Ordering::Relaxed);
-        });
-        // `None`: written off, the shutdown counted it as cancelled already.
-        if let Some(left) = left {
             #[cfg(feature = "metrics")]
             metrics::counter!(names::ended(how)).increment(1);
-            if left == 0 {
-                self.wake_idle();
-            }
+        });
+        // `None`: written off, the shutdown counted it as cancelled already.
+        if left == Some(0) {
+            self.wake_idle();
         }
     }
 
