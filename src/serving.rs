@@ -3,7 +3,8 @@
 //! Work registered from a plain thread, the blocking pool or a helper's temporary runtime must
 //! not run there: a plain thread has no runtime, and a temporary one would take the work with it
 //! when it ends. It runs on the runtime that serves the layer instead, remembered once, when the
-//! layer first spawns a driver where a request is served. A small task on that runtime notices
+//! layer first takes a request (work handed out by a request that registered none must find it
+//! too). A small task on that runtime notices
 //! when it shuts down (the runtime drops it), so that a layer that outlives its runtime (a test
 //! suite, a restarted server loop) remembers the next one instead: nothing is checked per request
 //! but one atomic load.
@@ -40,6 +41,17 @@ impl Serving {
     /// Whether a live serving runtime is known.
     pub(crate) fn is_known(&self) -> bool {
         self.live.load(Ordering::Acquire) != 0
+    }
+
+    /// Remembers the current runtime, where a request is served, unless a live one is known
+    /// already (which costs one atomic load).
+    pub(crate) fn remember_current(&self) {
+        if self.is_known() {
+            return;
+        }
+        if let Ok(runtime) = Handle::try_current() {
+            self.remember(&runtime);
+        }
     }
 
     /// Remembers `runtime`, where a request is served, unless a live one is known already (which
