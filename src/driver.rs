@@ -127,6 +127,11 @@ impl Terms {
     fn hold(&self) -> bool {
         self.0.fetch_or(HELD, Ordering::AcqRel) & HELD == 0
     }
+
+    /// Marks the snapshot no longer counted: `true` if it was, for whoever then uncounts it.
+    fn release(&self) -> bool {
+        self.0.fetch_and(!HELD, Ordering::AcqRel) & HELD != 0
+    }
 }
 
 impl Inflight {
@@ -223,7 +228,6 @@ impl Inflight {
                 if self.scope.claim() {
                     let first = Running::new(callback, span, None, ticket, self.context());
                     let driver = Driver::new(self.clone(), Some(first), start);
-                    self.shared().serving().remember(&runtime);
                     runtime.spawn(CURRENT.scope(self.clone(), driver));
                     return;
                 }
@@ -283,21 +287,31 @@ impl Inflight {
                 let inflight = self.clone();
                 host.after_response(Box::new(move || {
                     inflight.act(inflight.scope.finish(hook), true);
-                    inflight.release_data_if_done();
+                    inflight.release_if_done();
                 }));
             }
             None => {
                 self.act(self.scope.finish(hook), true);
-                self.release_data_if_done();
+                self.release_if_done();
             }
         }
     }
 
-    /// Lets go of what the handler left (`After::insert`) once the request's work is done, so
-    /// that a value holding the request's own handle cannot keep the request alive for good.
-    pub(crate) fn release_data_if_done(&self) {
-        // The flag first: most requests leave nothing, and the check takes the scope's lock.
-        if self.data.is_used() && self.scope.is_done() {
+    /// Once the request's work is done, lets go of what it held for that work: its snapshot's
+    /// place in the layer's held bytes (a handle kept after the work, by a task or a socket,
+    /// holds no place under `max_held_bytes`; work registered through it later takes one
+    /// again), and what the handler left (`After::insert`), so that a value holding the
+    /// request's own handle cannot keep the request alive for good.
+    pub(crate) fn release_if_done(&self) {
+        // The flags first: most requests hold neither, and the check takes the scope's lock.
+        let data = self.data.is_used();
+        if !(data || self.terms.is_held()) || !self.scope.is_done() {
+            return;
+        }
+        if self.terms.release() {
+            self.shared().release_bytes(self.snapshot.held_bytes());
+        }
+        if data {
             self.data.clear();
         }
     }
@@ -437,7 +451,8 @@ impl Inflight {
 
 impl Drop for Inflight {
     fn drop(&mut self) {
-        if self.terms.is_held() {
+        // Work that never ended (its runtime went away) still held its place.
+        if self.terms.release() {
             self.config.shared.release_bytes(self.snapshot.held_bytes());
         }
     }
@@ -564,7 +579,7 @@ pin_project! {
             // Dropped before its work was done: the runtime is shutting down. Running callbacks
             // count themselves as cancelled when dropped; work not taken yet is dropped here.
             if *this.done {
-                this.inflight.release_data_if_done();
+                this.inflight.release_if_done();
                 return;
             }
             let abandoned = this.inflight.scope.abandon();
@@ -593,7 +608,7 @@ pin_project! {
                     "after callbacks dropped: the runtime shut down before they ended"
                 );
             }
-            this.inflight.release_data_if_done();
+            this.inflight.release_if_done();
         }
     }
 }

@@ -270,7 +270,9 @@ impl AfterLayer {
     /// holds at most: [`DEFAULT_MAX_HELD_BYTES`](AfterLayer::DEFAULT_MAX_HELD_BYTES) (64 MiB) by
     /// default, `usize::MAX` for no bound.
     ///
-    /// A request's snapshot counts from its first callback until its last one ended. Beyond
+    /// A request's snapshot counts from its first callback until its last one ended (a clone of
+    /// its [`After`] kept longer, by a task or a socket, holds no place; work registered
+    /// through it later takes one again). Beyond
     /// the bound, new work is refused like work beyond [`max_pending`](AfterLayer::max_pending):
     /// counted in [`AfterStats::shed`](crate::AfterStats::shed), logged at `WARN` once a second
     /// with the count, and reported to [`After::try_run`] callers. With the default

@@ -454,11 +454,10 @@ async fn a_callback_registered_on_a_runtime_without_timers_still_runs() {
     assert!(ran);
 }
 
-/// A layer that has served a request with work (which tells it the runtime that serves it),
-/// and the `After` of a second request, which registered nothing, handed out.
+/// A fresh layer, and the `After` of its only request, which registered nothing, handed out:
+/// the layer knows the runtime that serves it from taking that request.
 async fn served_with_a_handle_out() -> (AfterLayer, After) {
     let layer = AfterLayer::new();
-    serve(&layer, |after| after.run(async {})).await;
     let (send, receive) = std::sync::mpsc::channel();
     serve(&layer, move |after| send.send(after.clone()).unwrap()).await;
     (layer, receive.recv().unwrap())
@@ -563,4 +562,47 @@ async fn deadlines_are_kept_by_one_thread_however_many_waits() {
         assert_eq!(drain.await.unwrap().cancelled(), 1);
     }
     assert_eq!(during, Some(1), "one thread keeps every deadline");
+}
+
+/// `AfterLayer::max_held_bytes`: a request's snapshot counts from its first callback until its
+/// last one ended, not for as long as a clone of its `After` lives (kept by a long-lived task: a
+/// WebSocket, a subscription, a job that may register more later). Otherwise the layer would
+/// shed new work with nothing pending.
+#[tokio::test]
+async fn a_kept_handle_does_not_keep_the_snapshot_counted_once_the_work_ended() {
+    // Room for about one snapshot of 1 KiB of headers.
+    let layer = AfterLayer::new().max_held_bytes(1_500);
+    let tasks = layer.tasks();
+    let kept = Arc::new(std::sync::Mutex::new(Vec::<After>::new()));
+    let keep = kept.clone();
+    let service = layer.layer(tower::service_fn(move |request: Request<()>| {
+        let after = request.extensions().get::<After>().unwrap().clone();
+        let accepted = after.try_run(async {}).is_ok();
+        keep.lock().unwrap().push(after);
+        async move {
+            let mut response = Response::new(Empty::<Bytes>::new());
+            response.extensions_mut().insert(accepted);
+            Ok::<_, Infallible>(response)
+        }
+    }));
+    for round in 0..2 {
+        let request = Request::builder()
+            .header("x-data", "d".repeat(1_000))
+            .body(())
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        let accepted = *response.extensions().get::<bool>().unwrap();
+        response.into_body().collect().await.unwrap();
+        wait_idle(&tasks).await;
+        assert!(
+            accepted,
+            "round {round}: work refused with nothing pending: {:?}",
+            tasks.stats()
+        );
+        // Released as the request's driver retires, a moment after its last callback ended.
+        eventually("the snapshot's bytes released", || {
+            tasks.stats().held_bytes() == 0
+        })
+        .await;
+    }
 }
