@@ -381,7 +381,9 @@
 //! - Only work registered on a request that entered [`AfterLayer`] inside the invocation's task is
 //!   held and waited for. A layer that moves requests to another task (`tower::buffer`) loses the
 //!   hold; work registered late, from a task the handler spawned after the invocation ended,
-//!   runs unwatched and may be frozen with the environment.
+//!   runs unwatched and may be frozen with the environment (if the invocation's deadline cut
+//!   its work, late work is stopped at once instead, counted as timed out and logged at `DEBUG`:
+//!   the invocation's `WARN` already said it was cut).
 //! - A callback that blocks its thread instead of awaiting cannot be stopped: the invocation
 //!   still ends at its deadline, and the callback runs on, into the next invocation or a freeze.
 //! - Tested with `lambda_http::Adapter` (buffered responses), sequential and concurrent, against
