@@ -285,15 +285,40 @@ impl Inflight {
             Some(host) => {
                 // The response is finished but not delivered yet: its work waits for that.
                 let inflight = self.clone();
-                host.after_response(Box::new(move || {
-                    inflight.act(inflight.scope.finish(hook), true);
-                    inflight.release_if_done();
-                }));
+                host.after_response(Box::new(move || inflight.hand_over(hook)));
             }
-            None => {
-                self.act(self.scope.finish(hook), true);
-                self.release_if_done();
-            }
+            None => self.hand_over(hook),
+        }
+    }
+
+    /// Hands the request's work, `hook` first, to a driver now that the response finished.
+    fn hand_over(self: &Arc<Self>, hook: Option<Job>) {
+        let next = self.scope.finish(hook);
+        // No driver to wake or spawn: the work may be done already (nothing registered, or only
+        // early work that ended). Otherwise its driver lets go when it retires.
+        let quiet = matches!(next, Next::Nothing);
+        self.act(next, true);
+        if quiet {
+            self.release_if_done();
+        }
+    }
+
+    /// What a driver lets go of as it retires with nothing left to run: the snapshot's place in
+    /// the held bytes, once the response finished, without asking the scope (work registered
+    /// meanwhile runs uncounted rather than a lock per request), and the handler's values if
+    /// the work is done.
+    fn retired(&self) {
+        if self.end.get().is_some() && self.terms.release() {
+            self.shared().release_bytes(self.snapshot.held_bytes());
+        }
+        self.release_data_if_done();
+    }
+
+    /// Lets go of what the handler left (`After::insert`) once the request's work is done.
+    pub(crate) fn release_data_if_done(&self) {
+        // The flag first: most requests leave nothing, and the check takes the scope's lock.
+        if self.data.is_used() && self.scope.is_done() {
+            self.data.clear();
         }
     }
 
@@ -302,7 +327,7 @@ impl Inflight {
     /// holds no place under `max_held_bytes`; work registered through it later takes one
     /// again), and what the handler left (`After::insert`), so that a value holding the
     /// request's own handle cannot keep the request alive for good.
-    pub(crate) fn release_if_done(&self) {
+    fn release_if_done(&self) {
         // The flags first: most requests hold neither, and the check takes the scope's lock.
         let data = self.data.is_used();
         if !(data || self.terms.is_held()) || !self.scope.is_done() {
@@ -579,7 +604,7 @@ pin_project! {
             // Dropped before its work was done: the runtime is shutting down. Running callbacks
             // count themselves as cancelled when dropped; work not taken yet is dropped here.
             if *this.done {
-                this.inflight.release_if_done();
+                this.inflight.retired();
                 return;
             }
             let abandoned = this.inflight.scope.abandon();
@@ -608,7 +633,7 @@ pin_project! {
                     "after callbacks dropped: the runtime shut down before they ended"
                 );
             }
-            this.inflight.release_if_done();
+            this.inflight.retired();
         }
     }
 }
