@@ -17,7 +17,7 @@ use crate::driver::Inflight;
 use crate::Completion;
 use bytes::Buf;
 use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -57,10 +57,8 @@ pin_project! {
 }
 
 impl<B: Body> AfterBody<B> {
+    /// `finisher`: of a response whose body is `inner` ([`Finisher::responded`]).
     pub(crate) fn new(inner: B, mut finisher: Finisher) -> Self {
-        // A `Content-Length` header binds the server just as an exact size hint does: hyper
-        // stops polling once that many bytes are out (`ServeFile`, a stream with its length).
-        finisher.expected = inner.size_hint().exact().or(finisher.expected);
         if inner.is_end_stream() || finisher.expected == Some(0) {
             finisher.on_drop = Completion::Complete;
         }
@@ -183,16 +181,19 @@ impl Finisher {
         self.on_drop = completion;
     }
 
-    /// Records the response's status; a response the server sends without a body counts as
-    /// complete once dropped.
-    pub(crate) fn responded(mut self, status: StatusCode, headers: &HeaderMap) -> Self {
+    /// Records the response's status and how long its body is; a response the server sends
+    /// without a body counts as complete once dropped.
+    pub(crate) fn responded<B: Body>(mut self, response: &Response<B>) -> Self {
+        let status = response.status();
         self.status = Some(status);
-        // Digits only, as hyper reads it (Rust's `parse` would also take a sign).
-        self.expected = headers
-            .get(CONTENT_LENGTH)
-            .map(|length| length.as_bytes())
-            .filter(|digits| !digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
-            .and_then(|digits| std::str::from_utf8(digits).ok()?.parse().ok());
+        // A `Content-Length` header binds the server just as an exact size hint does: hyper
+        // stops polling once that many bytes are out (`ServeFile`, a stream with its length).
+        // The hint first: it is cheaper, and it wins.
+        self.expected = response
+            .body()
+            .size_hint()
+            .exact()
+            .or_else(|| content_length(response.headers()));
         let head = self
             .inflight
             .as_ref()
@@ -224,6 +225,16 @@ impl Drop for Finisher {
     fn drop(&mut self) {
         self.finish(self.on_drop);
     }
+}
+
+/// The length a `Content-Length` header announces: digits only, as hyper reads it (Rust's
+/// `parse` would also take a sign).
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let digits = headers.get(CONTENT_LENGTH)?.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 #[cfg(test)]

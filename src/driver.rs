@@ -292,6 +292,7 @@ impl Inflight {
     }
 
     /// Hands the request's work, `hook` first, to a driver now that the response finished.
+    #[inline]
     fn hand_over(self: &Arc<Self>, hook: Option<Job>) {
         let next = self.scope.finish(hook);
         // No driver to wake or spawn: the work may be done already (nothing registered, or only
@@ -327,16 +328,23 @@ impl Inflight {
     /// holds no place under `max_held_bytes`; work registered through it later takes one
     /// again), and what the handler left (`After::insert`), so that a value holding the
     /// request's own handle cannot keep the request alive for good.
+    #[inline]
     fn release_if_done(&self) {
         // The flags first: most requests hold neither, and the check takes the scope's lock.
-        let data = self.data.is_used();
-        if !(data || self.terms.is_held()) || !self.scope.is_done() {
+        if self.data.is_used() || self.terms.is_held() {
+            self.release_if_done_slow();
+        }
+    }
+
+    #[cold]
+    fn release_if_done_slow(&self) {
+        if !self.scope.is_done() {
             return;
         }
         if self.terms.release() {
             self.shared().release_bytes(self.snapshot.held_bytes());
         }
-        if data {
+        if self.data.is_used() {
             self.data.clear();
         }
     }
@@ -477,7 +485,7 @@ impl Inflight {
 impl Drop for Inflight {
     fn drop(&mut self) {
         // Work that never ended (its runtime went away) still held its place.
-        if self.terms.release() {
+        if *self.terms.0.get_mut() & HELD != 0 {
             self.config.shared.release_bytes(self.snapshot.held_bytes());
         }
     }

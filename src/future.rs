@@ -66,10 +66,7 @@ where
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(response)) => {
-                let finisher = this
-                    .finisher
-                    .take()
-                    .responded(response.status(), response.headers());
+                let finisher = this.finisher.take().responded(&response);
                 Poll::Ready(Ok(response.map(|body| AfterBody::new(body, finisher))))
             }
             Poll::Ready(Err(error)) => {

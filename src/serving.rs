@@ -39,16 +39,22 @@ impl Drop for Alive {
 
 impl Serving {
     /// Whether a live serving runtime is known.
+    #[inline]
     pub(crate) fn is_known(&self) -> bool {
         self.live.load(Ordering::Acquire) != 0
     }
 
     /// Remembers the current runtime, where a request is served, unless a live one is known
     /// already (which costs one atomic load).
+    #[inline]
     pub(crate) fn remember_current(&self) {
-        if self.is_known() {
-            return;
+        if !self.is_known() {
+            self.remember_current_slow();
         }
+    }
+
+    #[cold]
+    fn remember_current_slow(&self) {
         if let Ok(runtime) = Handle::try_current() {
             self.remember(&runtime);
         }
