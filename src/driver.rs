@@ -295,12 +295,12 @@ impl Inflight {
     #[inline]
     fn hand_over(self: &Arc<Self>, hook: Option<Job>) {
         let next = self.scope.finish(hook);
-        // No driver to wake or spawn: the work may be done already (nothing registered, or only
-        // early work that ended). Otherwise its driver lets go when it retires.
-        let quiet = matches!(next, Next::Nothing);
+        // Done already (nothing registered, or only early work that ended): let go now.
+        // Otherwise the driver lets go when it retires.
+        let done = matches!(next, Next::Done);
         self.act(next, true);
-        if quiet {
-            self.release_if_done();
+        if done {
+            self.let_go();
         }
     }
 
@@ -309,42 +309,35 @@ impl Inflight {
     /// meanwhile runs uncounted rather than a lock per request), and the handler's values if
     /// the work is done.
     fn retired(&self) {
-        if self.end.get().is_some() && self.terms.release() {
-            self.shared().release_bytes(self.snapshot.held_bytes());
+        if self.end.get().is_some() {
+            self.release_bytes();
         }
         self.release_data_if_done();
+    }
+
+    /// Lets go of what the request held for its work, now done: its snapshot's place in the
+    /// held bytes (a handle kept after the work, by a task or a socket, holds none under
+    /// `max_held_bytes`; work registered through it later takes one again), and what the
+    /// handler left (`After::insert`), so that a value holding the request's own handle cannot
+    /// keep the request alive for good.
+    fn let_go(&self) {
+        self.release_bytes();
+        if self.data.is_used() {
+            self.data.clear();
+        }
+    }
+
+    fn release_bytes(&self) {
+        // A load first: a request that registered no work never counted its snapshot.
+        if self.terms.is_held() && self.terms.release() {
+            self.shared().release_bytes(self.snapshot.held_bytes());
+        }
     }
 
     /// Lets go of what the handler left (`After::insert`) once the request's work is done.
     pub(crate) fn release_data_if_done(&self) {
         // The flag first: most requests leave nothing, and the check takes the scope's lock.
         if self.data.is_used() && self.scope.is_done() {
-            self.data.clear();
-        }
-    }
-
-    /// Once the request's work is done, lets go of what it held for that work: its snapshot's
-    /// place in the layer's held bytes (a handle kept after the work, by a task or a socket,
-    /// holds no place under `max_held_bytes`; work registered through it later takes one
-    /// again), and what the handler left (`After::insert`), so that a value holding the
-    /// request's own handle cannot keep the request alive for good.
-    #[inline]
-    fn release_if_done(&self) {
-        // The flags first: most requests hold neither, and the check takes the scope's lock.
-        if self.data.is_used() || self.terms.is_held() {
-            self.release_if_done_slow();
-        }
-    }
-
-    #[cold]
-    fn release_if_done_slow(&self) {
-        if !self.scope.is_done() {
-            return;
-        }
-        if self.terms.release() {
-            self.shared().release_bytes(self.snapshot.held_bytes());
-        }
-        if self.data.is_used() {
             self.data.clear();
         }
     }
@@ -410,7 +403,7 @@ impl Inflight {
     /// future or body, or its own task), whose runtime is the request's.
     fn act(self: &Arc<Self>, next: Next, serving: bool) {
         match next {
-            Next::Nothing => {}
+            Next::Nothing | Next::Done => {}
             Next::Wake(waker) => waker.wake(),
             Next::Spawn => self.spawn(serving),
         }

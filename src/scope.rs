@@ -61,6 +61,9 @@ pub(crate) enum Start {
 pub(crate) enum Next {
     /// Nothing: no work to start, or a driver will see it anyway.
     Nothing,
+    /// Nothing, from [`Scope::finish`]: the request's work is done (none was registered, or
+    /// only early work that ended).
+    Done,
     /// Wake the waiting driver.
     Wake(Waker),
     /// Spawn a driver: there is work and none exists.
@@ -137,7 +140,7 @@ impl<J: Named> Scope<J> {
             state.queue.insert(0, (first, Start::AfterResponse));
         }
         match state.driver {
-            Driver::Absent if state.queue.is_empty() => Next::Nothing,
+            Driver::Absent if state.queue.is_empty() => Next::Done,
             _ => state.call_driver(),
         }
     }
@@ -296,7 +299,7 @@ mod tests {
     #[test]
     fn a_request_without_work_never_needs_a_driver() {
         let scope = Scope::<Job>::new();
-        assert!(matches!(scope.finish(None), Next::Nothing));
+        assert!(matches!(scope.finish(None), Next::Done));
     }
 
     #[test]

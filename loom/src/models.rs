@@ -132,7 +132,7 @@ impl World {
 
     fn act(&self, next: Next) {
         match next {
-            Next::Nothing => {}
+            Next::Nothing | Next::Done => {}
             Next::Wake(waker) => waker.wake(),
             Next::Spawn => {
                 self.drivers.fetch_add(1, Ordering::SeqCst);
