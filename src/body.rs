@@ -97,19 +97,21 @@ impl<B: Body> Body for AfterBody<B> {
                     }
                 }
                 // Trailers are a body's last frame: servers (hyper, over HTTP/1.1 and HTTP/2)
-                // send them as the end and drop the body without polling it again.
-                if frame.is_trailers() || this.inner.is_end_stream() {
+                // send them as the end and drop the body without polling it again. After fewer
+                // bytes than announced, the server cannot complete the response.
+                if frame.is_trailers() {
+                    finisher.finish(if finisher.short() {
+                        Completion::BodyError
+                    } else {
+                        Completion::Complete
+                    });
+                } else if this.inner.is_end_stream() {
                     finisher.finish(Completion::Complete);
                 }
             }
             Some(Err(_)) => finisher.finish(Completion::BodyError),
             // Shorter than its announced length: the server cannot complete the response.
-            None if finisher
-                .expected
-                .is_some_and(|expected| finisher.body_bytes < expected) =>
-            {
-                finisher.finish(Completion::BodyError);
-            }
+            None if finisher.short() => finisher.finish(Completion::BodyError),
             None => finisher.finish(Completion::Complete),
         }
         Poll::Ready(frame)
@@ -208,6 +210,12 @@ impl Finisher {
             Completion::Aborted
         };
         self
+    }
+
+    /// Whether fewer bytes went out than the response announced.
+    fn short(&self) -> bool {
+        self.expected
+            .is_some_and(|expected| self.body_bytes < expected)
     }
 
     pub(crate) fn finish(&mut self, completion: Completion) {

@@ -304,15 +304,15 @@ impl Inflight {
         }
     }
 
-    /// What a driver lets go of as it retires with nothing left to run: the snapshot's place in
-    /// the held bytes, once the response finished, without asking the scope (work registered
-    /// meanwhile runs uncounted rather than a lock per request), and the handler's values if
-    /// the work is done.
+    /// Lets go of what the request held for its work once a driver retired with nothing left
+    /// to run, if that was the last of it: the scope says, since its response may have finished
+    /// without the work being handed over yet (on Lambda, until the invocation's response is
+    /// posted), or new work may have been queued meanwhile.
     fn retired(&self) {
-        if self.end.get().is_some() {
-            self.release_bytes();
+        // The flags first: a request that holds neither needs no lock.
+        if (self.terms.is_held() || self.data.is_used()) && self.scope.is_done() {
+            self.let_go();
         }
-        self.release_data_if_done();
     }
 
     /// Lets go of what the request held for its work, now done: its snapshot's place in the
@@ -329,6 +329,8 @@ impl Inflight {
 
     fn release_bytes(&self) {
         // A load first: a request that registered no work never counted its snapshot.
+        // Work registered elsewhere while this runs may find the snapshot still counted and
+        // then run uncounted; it is never released twice.
         if self.terms.is_held() && self.terms.release() {
             self.shared().release_bytes(self.snapshot.held_bytes());
         }
@@ -426,6 +428,7 @@ impl Inflight {
             for job in abandoned {
                 job.end(Ended::Cancelled, &self.snapshot);
             }
+            self.retired();
             tracing::error!(
                 method = %self.snapshot.method(),
                 path = self.snapshot.path(),

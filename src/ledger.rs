@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
+#[cfg(feature = "metrics")]
+use crate::context::drop_caught;
 use crate::pending::{Full, Pending};
 use crate::serving::Serving;
 
@@ -235,8 +237,13 @@ impl Shared {
     fn ended(&self, how: Ended) {
         let left = self.pending.end(|| {
             self.totals.of(how).fetch_add(1, Ordering::Relaxed);
+            // The recorder is user code: a panic in it must not keep the callback pending.
             #[cfg(feature = "metrics")]
-            metrics::counter!(names::ended(how)).increment(1);
+            if let Err(panic) = std::panic::catch_unwind(|| {
+                metrics::counter!(names::ended(how)).increment(1);
+            }) {
+                drop_caught(panic);
+            }
         });
         // `None`: written off, the shutdown counted it as cancelled already.
         if left == Some(0) {

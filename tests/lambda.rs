@@ -522,3 +522,106 @@ async fn graceful_shutdown_registers_an_extension() {
     drop(environment);
     assert_eq!(api.journal.all(), [Entry::Registered]);
 }
+
+/// On Lambda, a request's work waits for the invocation's response to be posted. Early work
+/// (`wait_until`) that ends before the post retires its driver while the request's `run`
+/// callback still waits: the request's snapshot stays counted in the held bytes until that one
+/// ended too, as everywhere else.
+#[tokio::test]
+async fn early_work_ending_before_the_post_keeps_the_snapshot_counted_for_queued_work() {
+    use lambda_runtime::{Context as LambdaContext, LambdaInvocation};
+    use tokio::sync::oneshot;
+
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let (early_tx, early_rx) = oneshot::channel::<()>();
+    let (late_tx, late_rx) = oneshot::channel::<()>();
+    let (finished_tx, finished_rx) = oneshot::channel::<()>();
+    let (post_tx, post_rx) = oneshot::channel::<()>();
+    let channels = Arc::new(Mutex::new(Some((early_rx, late_rx))));
+    let app = layer.layer(tower::service_fn(move |_: http::Request<()>| {
+        let channels = channels.clone();
+        async move {
+            let (early, late) = channels.lock().unwrap().take().unwrap();
+            let after = After::current();
+            // Early work: rides in the request's driver, which runs it at once.
+            after.wait_until(async move {
+                let _ = early.await;
+            });
+            // Work for after the response: queued behind it.
+            after.run(async move {
+                let _ = late.await;
+            });
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Empty::<Bytes>::new()))
+        }
+    }));
+    let gates = Arc::new(Mutex::new(Some((finished_tx, post_rx))));
+    let function = tower::service_fn(move |_: LambdaInvocation| {
+        let (app, gates) = (app.clone(), gates.clone());
+        async move {
+            let (finished, post) = gates.lock().unwrap().take().unwrap();
+            // `lambda_http` drops the body once it has read it, before the post.
+            drop(app.oneshot(http::Request::new(())).await.unwrap());
+            finished.send(()).unwrap();
+            // The invocation's response is not posted yet.
+            let _ = post.await;
+            Ok::<_, Infallible>(())
+        }
+    });
+    let mut context = LambdaContext::default();
+    let deadline = SystemTime::now() + Duration::from_secs(600);
+    context.deadline = deadline.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let (parts, ()) = http::Response::new(()).into_parts();
+    let invocation = LambdaInvocation {
+        parts,
+        body: Bytes::new(),
+        context,
+    };
+    let served = tokio::spawn(
+        DrainLayer::new(tasks.clone())
+            .layer(function)
+            .oneshot(invocation),
+    );
+
+    tokio::time::timeout(Duration::from_secs(30), finished_rx)
+        .await
+        .expect("the response never finished")
+        .unwrap();
+    assert_eq!(tasks.pending(), 2);
+    let held = tasks.stats().held_bytes();
+    assert!(held > 0);
+    // The early work ends; its driver retires.
+    early_tx.send(()).unwrap();
+    let ended = async {
+        while tasks.stats().completed() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ended)
+        .await
+        .expect("the early work never ended");
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+
+    let (pending, held_now) = (tasks.pending(), tasks.stats().held_bytes());
+
+    // Let everything end before asserting.
+    post_tx.send(()).unwrap();
+    late_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .expect("the invocation never ended")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), tasks.idle())
+        .await
+        .expect("the callbacks never ended");
+
+    assert_eq!(pending, 1, "the `run` callback is still queued");
+    assert_eq!(
+        held_now, held,
+        "a pending callback of the request, registered by its handler, no longer holds its \
+         snapshot's bytes"
+    );
+}

@@ -47,7 +47,8 @@ impl CounterFn for Completed {
     }
 }
 
-struct Record(Arc<Completed>);
+/// A recorder that publishes the completed counter through its counter, and nothing else.
+struct Record(Counter);
 
 impl Recorder for Record {
     fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
@@ -56,7 +57,7 @@ impl Recorder for Record {
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         if key.name() == COMPLETED {
-            Counter::from_arc(self.0.clone())
+            self.0.clone()
         } else {
             Counter::noop()
         }
@@ -75,7 +76,7 @@ fn completed() -> &'static Arc<Completed> {
     static COMPLETED: OnceLock<Arc<Completed>> = OnceLock::new();
     COMPLETED.get_or_init(|| {
         let completed = Arc::new(Completed::default());
-        metrics::set_global_recorder(Record(completed.clone())).unwrap();
+        metrics::set_global_recorder(Record(Counter::from_arc(completed.clone()))).unwrap();
         completed
     })
 }
@@ -121,4 +122,56 @@ async fn the_published_completed_counter_is_settled_when_idle_resolves() {
         published, 1,
         "idle() resolved, stats say 1 completed, the metrics facade says {published}"
     );
+}
+
+/// A recorder is user code: one whose counter panics must not keep the callback pending (then
+/// `idle()` would never resolve, and every shutdown would wait out its grace).
+#[test]
+fn a_recorder_that_panics_does_not_keep_the_callback_pending() {
+    struct Panics;
+
+    impl CounterFn for Panics {
+        fn increment(&self, _: u64) {
+            panic!("the recorder failed");
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    // A recorder for this thread only, and a runtime on this thread only: no other test of
+    // this binary sees it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let recorder = Record(Counter::from_arc(Arc::new(Panics)));
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let layer = AfterLayer::new();
+            let tasks = layer.tasks();
+            let service = layer.layer(tower::service_fn(|request: Request<()>| {
+                let after = request.extensions().get::<After>().unwrap().clone();
+                async move {
+                    after.run(async {});
+                    Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                }
+            }));
+            drop(service.oneshot(Request::new(())).await.unwrap());
+            // The callback ran: its ending is in the totals.
+            let counted = async {
+                while tasks.stats().completed() != 1 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), counted)
+                .await
+                .expect("the callback was never counted");
+            let idle = tokio::time::timeout(Duration::from_secs(10), tasks.idle()).await;
+            assert!(
+                idle.is_ok(),
+                "idle() never resolved: pending() = {} with completed = {}",
+                tasks.pending(),
+                tasks.stats().completed()
+            );
+        });
+    });
 }

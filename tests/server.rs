@@ -299,7 +299,10 @@ fn data_then_trailers() -> Body {
     Body::new(http_body_util::StreamBody::new(frames))
 }
 
-async fn serve_trailers() -> (
+/// A server whose one route answers with `make()` and records how its response ended.
+async fn serve_recording(
+    make: fn() -> http::Response<Body>,
+) -> (
     std::net::SocketAddr,
     AfterTasks,
     Arc<Mutex<Vec<Completion>>>,
@@ -310,14 +313,14 @@ async fn serve_trailers() -> (
     let tasks = layer.tasks();
     let app = Router::new()
         .route(
-            "/stream",
+            "/",
             get(move |later: After| {
                 let record = record.clone();
                 async move {
                     later.run_with(move |ctx| async move {
                         record.lock().unwrap().push(ctx.outcome().completion());
                     });
-                    http::Response::new(data_then_trailers())
+                    make()
                 }
             }),
         )
@@ -341,7 +344,8 @@ async fn ran_once_complete(tasks: &AfterTasks, seen: &Mutex<Vec<Completion>>) {
 /// must see `Completion::Complete`, not a client that left.
 #[tokio::test]
 async fn trailers_end_a_streamed_response_over_http2() {
-    let (address, tasks, seen) = serve_trailers().await;
+    let (address, tasks, seen) =
+        serve_recording(|| http::Response::new(data_then_trailers())).await;
     let stream = TcpStream::connect(address).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
         hyper_util::rt::TokioExecutor::new(),
@@ -350,7 +354,7 @@ async fn trailers_end_a_streamed_response_over_http2() {
     .await
     .unwrap();
     tokio::spawn(connection);
-    let request = http::Request::get(format!("http://{address}/stream"))
+    let request = http::Request::get(format!("http://{address}/"))
         .body(Empty::new())
         .unwrap();
     let response = within("the response", sender.send_request(request))
@@ -371,8 +375,9 @@ async fn trailers_end_a_streamed_response_over_http2() {
 /// and drops the body.
 #[tokio::test]
 async fn trailers_end_a_streamed_response_over_http1() {
-    let (address, tasks, seen) = serve_trailers().await;
-    let request = http::Request::get(format!("http://{address}/stream"))
+    let (address, tasks, seen) =
+        serve_recording(|| http::Response::new(data_then_trailers())).await;
+    let request = http::Request::get(format!("http://{address}/"))
         .header("te", "trailers")
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -385,4 +390,110 @@ async fn trailers_end_a_streamed_response_over_http1() {
     assert_eq!(collected.to_bytes(), "hello");
 
     ran_once_complete(&tasks, &seen).await;
+}
+
+/// 5 bytes of data, then trailers, under a `Content-Length: 10` header: the body is shorter
+/// than it announced.
+fn short_body_then_trailers() -> http::Response<Body> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = futures_util::stream::iter([
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"hello"))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ]);
+    http::Response::builder()
+        .header("content-length", "10")
+        .body(Body::new(http_body_util::StreamBody::new(frames)))
+        .unwrap()
+}
+
+/// The same short body, without trailers: the control case, which the crate already reports
+/// as `BodyError` ("Shorter than its announced length: the server cannot complete the response").
+fn short_body() -> http::Response<Body> {
+    let frames = futures_util::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+        Bytes::from_static(b"hello"),
+    ))]);
+    http::Response::builder()
+        .header("content-length", "10")
+        .body(Body::new(http_body_util::StreamBody::new(frames)))
+        .unwrap()
+}
+
+/// How the response `make` returns ends, served through the layer in process and read to its
+/// end.
+async fn completion_in_process(make: fn() -> http::Response<Body>) -> Completion {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let service = tower::Layer::layer(
+        &layer,
+        tower::service_fn(move |request: http::Request<()>| {
+            let record = record.clone();
+            let after = request.extensions().get::<After>().unwrap().clone();
+            async move {
+                after.run_with(move |ctx| async move {
+                    record.lock().unwrap().push(ctx.outcome().completion());
+                });
+                Ok::<_, Infallible>(make())
+            }
+        }),
+    );
+    let response = tower::ServiceExt::oneshot(service, http::Request::new(()))
+        .await
+        .unwrap();
+    let _ = response.into_body().collect().await;
+    within("the callback", tasks.idle()).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    seen[0]
+}
+
+/// A body shorter than it announced fails the response.
+#[tokio::test]
+async fn control_a_short_body_without_trailers_is_a_body_error() {
+    assert_eq!(
+        completion_in_process(short_body).await,
+        Completion::BodyError
+    );
+}
+
+/// Trailers end the body, but not a response shorter than it announced: that one failed.
+#[tokio::test]
+async fn trailers_after_a_short_body_are_not_a_complete_response() {
+    assert_eq!(
+        completion_in_process(short_body_then_trailers).await,
+        Completion::BodyError,
+        "5 of 10 announced bytes, then trailers, reported as a response sent in full"
+    );
+}
+
+/// The same through hyper over HTTP/1.1: hyper drops the trailers (a `Content-Length` body has
+/// no room for them), then fails the message for want of 5 bytes; the client never gets the
+/// whole body, and the callback must not be told it was sent in full.
+#[tokio::test]
+async fn trailers_after_a_short_body_over_http1_are_not_complete() {
+    let (address, tasks, seen) = serve_recording(short_body_then_trailers).await;
+    let request = http::Request::get(format!("http://{address}/"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    // hyper fails the connection: the client gets no response, or a truncated body.
+    let client_saw = match within("the response", support::client().request(request)).await {
+        Ok(response) => within("the body", response.into_body().collect())
+            .await
+            .map(|body| body.to_bytes())
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    assert!(
+        client_saw.is_err(),
+        "the client got the whole body: {client_saw:?}"
+    );
+    support::eventually("the callback", || !seen.lock().unwrap().is_empty()).await;
+    within("the callbacks to end", tasks.idle()).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Completion::BodyError],
+        "a response hyper failed to send (the client got no full body) is reported as complete"
+    );
 }
