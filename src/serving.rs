@@ -4,10 +4,9 @@
 //! not run there: a plain thread has no runtime, and a temporary one would take the work with it
 //! when it ends. It runs on the runtime that serves the layer instead, remembered once, when the
 //! layer first takes a request (work handed out by a request that registered none must find it
-//! too). A small task on that runtime notices
-//! when it shuts down (the runtime drops it), so that a layer that outlives its runtime (a test
-//! suite, a restarted server loop) remembers the next one instead: nothing is checked per request
-//! but one atomic load.
+//! too). A small task on that runtime notices when it shuts down (the runtime drops it), so that
+//! a layer that outlives its runtime (a test suite, a restarted server loop) remembers the next
+//! one instead: nothing is checked per request but one atomic load.
 
 use std::future::pending;
 use std::sync::atomic::{AtomicU64, Ordering};
