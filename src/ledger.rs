@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     refusals: Warnings,
     /// Truncated snapshots, likewise.
     truncations: Warnings,
+    /// Panics of the metrics recorder while it counted an ending, likewise.
+    #[cfg(feature = "metrics")]
+    recorder_panics: Warnings,
     /// Bytes of request snapshots that pending work holds.
     held_bytes: AtomicUsize,
 }
@@ -235,6 +238,8 @@ impl Shared {
     /// the totals. No lock is held meanwhile; a shutdown writing work off waits for it, at most
     /// a moment.
     fn ended(&self, how: Ended) {
+        #[cfg(feature = "metrics")]
+        let mut recorder_panicked = false;
         let left = self.pending.end(|| {
             self.totals.of(how).fetch_add(1, Ordering::Relaxed);
             // The recorder is user code: a panic in it must not keep the callback pending.
@@ -243,8 +248,21 @@ impl Shared {
                 metrics::counter!(names::ended(how)).increment(1);
             }) {
                 drop_caught(panic);
+                recorder_panicked = true;
             }
         });
+        // Said once the callback left the pending count: a subscriber is user code too.
+        #[cfg(feature = "metrics")]
+        if let Some(count) = recorder_panicked
+            .then(|| self.recorder_panics.event())
+            .flatten()
+        {
+            tracing::error!(
+                panicked = count,
+                "the metrics recorder panicked counting an ended after callback (the callback is \
+                 counted in `AfterTasks::stats` all the same; fix the recorder)"
+            );
+        }
         // `None`: written off, the shutdown counted it as cancelled already.
         if left == Some(0) {
             self.wake_idle();

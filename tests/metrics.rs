@@ -1,7 +1,9 @@
 //! The counters published through the `metrics` facade read settled once `AfterTasks::idle`
 //! resolves, as `AfterTasks::stats` do. Its own test binary: it installs the process's global
 //! recorder.
-#![cfg(feature = "metrics")]
+#![cfg(all(feature = "metrics", feature = "axum"))]
+
+mod support;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,9 +114,7 @@ async fn the_published_completed_counter_is_settled_when_idle_resolves() {
         std::thread::sleep(Duration::from_millis(200));
         let _ = go.send(());
     });
-    tokio::time::timeout(Duration::from_secs(30), tasks.idle())
-        .await
-        .expect("the layer never became idle");
+    support::within("idle", tasks.idle()).await;
     let stats = tasks.stats();
     let published = completed.value.load(Ordering::SeqCst) - before;
     assert_eq!(stats.completed(), 1);
@@ -125,7 +125,8 @@ async fn the_published_completed_counter_is_settled_when_idle_resolves() {
 }
 
 /// A recorder is user code: one whose counter panics must not keep the callback pending (then
-/// `idle()` would never resolve, and every shutdown would wait out its grace).
+/// `idle()` would never resolve, and every shutdown would wait out its grace), and the panic is
+/// said at `ERROR`.
 #[test]
 fn a_recorder_that_panics_does_not_keep_the_callback_pending() {
     struct Panics;
@@ -144,6 +145,8 @@ fn a_recorder_that_panics_does_not_keep_the_callback_pending() {
         .build()
         .unwrap();
     let recorder = Record(Counter::from_arc(Arc::new(Panics)));
+    // Everything runs on this thread, whose logs this captures.
+    let (logs, _guard) = support::capture_logs();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
             let layer = AfterLayer::new();
@@ -157,14 +160,10 @@ fn a_recorder_that_panics_does_not_keep_the_callback_pending() {
             }));
             drop(service.oneshot(Request::new(())).await.unwrap());
             // The callback ran: its ending is in the totals.
-            let counted = async {
-                while tasks.stats().completed() != 1 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(10), counted)
-                .await
-                .expect("the callback was never counted");
+            support::eventually("the callback to be counted", || {
+                tasks.stats().completed() == 1
+            })
+            .await;
             let idle = tokio::time::timeout(Duration::from_secs(10), tasks.idle()).await;
             assert!(
                 idle.is_ok(),
@@ -174,4 +173,9 @@ fn a_recorder_that_panics_does_not_keep_the_callback_pending() {
             );
         });
     });
+    let text = logs.text();
+    assert!(
+        text.contains("ERROR") && text.contains("the metrics recorder panicked"),
+        "a recorder that panics is not said: {text}"
+    );
 }
