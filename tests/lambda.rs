@@ -8,6 +8,8 @@
 //! its binary against such a Runtime API and under `cargo lambda watch`.
 #![cfg(feature = "lambda")]
 
+mod support;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -583,23 +585,15 @@ async fn early_work_ending_before_the_post_keeps_the_snapshot_counted_for_queued
             .oneshot(invocation),
     );
 
-    tokio::time::timeout(Duration::from_secs(30), finished_rx)
+    support::within("the response to finish", finished_rx)
         .await
-        .expect("the response never finished")
         .unwrap();
     assert_eq!(tasks.pending(), 2);
     let held = tasks.stats().held_bytes();
     assert!(held > 0);
     // The early work ends; its driver retires.
     early_tx.send(()).unwrap();
-    let ended = async {
-        while tasks.stats().completed() != 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), ended)
-        .await
-        .expect("the early work never ended");
+    support::eventually("the early work to end", || tasks.stats().completed() == 1).await;
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
@@ -609,14 +603,11 @@ async fn early_work_ending_before_the_post_keeps_the_snapshot_counted_for_queued
     // Let everything end before asserting.
     post_tx.send(()).unwrap();
     late_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), served)
+    support::within("the invocation", served)
         .await
-        .expect("the invocation never ended")
         .unwrap()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), tasks.idle())
-        .await
-        .expect("the callbacks never ended");
+    support::within("the callbacks", tasks.idle()).await;
 
     assert_eq!(pending, 1, "the `run` callback is still queued");
     assert_eq!(
