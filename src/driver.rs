@@ -304,11 +304,11 @@ impl Inflight {
         }
     }
 
-    /// Lets go of what the request held for its work once a driver retired with nothing left
-    /// to run, if that was the last of it: the scope says, since its response may have finished
-    /// without the work being handed over yet (on Lambda, until the invocation's response is
-    /// posted), or new work may have been queued meanwhile.
-    fn retired(&self) {
+    /// Lets go of what the request held for its work if that work is done: after a driver
+    /// retired, work was abandoned, or the handler left a value too late. The scope says, since
+    /// the response may have finished without its work being handed over yet (on Lambda, until
+    /// the invocation's response is posted), or new work may have been queued meanwhile.
+    pub(crate) fn let_go_if_done(&self) {
         // The flags first: a request that holds neither needs no lock.
         if (self.terms.is_held() || self.data.is_used()) && self.scope.is_done() {
             self.let_go();
@@ -333,14 +333,6 @@ impl Inflight {
         // then run uncounted; it is never released twice.
         if self.terms.is_held() && self.terms.release() {
             self.shared().release_bytes(self.snapshot.held_bytes());
-        }
-    }
-
-    /// Lets go of what the handler left (`After::insert`) once the request's work is done.
-    pub(crate) fn release_data_if_done(&self) {
-        // The flag first: most requests leave nothing, and the check takes the scope's lock.
-        if self.data.is_used() && self.scope.is_done() {
-            self.data.clear();
         }
     }
 
@@ -428,7 +420,7 @@ impl Inflight {
             for job in abandoned {
                 job.end(Ended::Cancelled, &self.snapshot);
             }
-            self.retired();
+            self.let_go_if_done();
             tracing::error!(
                 method = %self.snapshot.method(),
                 path = self.snapshot.path(),
@@ -608,7 +600,7 @@ pin_project! {
             // Dropped before its work was done: the runtime is shutting down. Running callbacks
             // count themselves as cancelled when dropped; work not taken yet is dropped here.
             if *this.done {
-                this.inflight.retired();
+                this.inflight.let_go_if_done();
                 return;
             }
             let abandoned = this.inflight.scope.abandon();
@@ -637,7 +629,7 @@ pin_project! {
                     "after callbacks dropped: the runtime shut down before they ended"
                 );
             }
-            this.inflight.retired();
+            this.inflight.let_go_if_done();
         }
     }
 }

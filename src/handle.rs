@@ -186,7 +186,7 @@ impl After {
     pub fn insert<T: Any + Send + Sync>(&self, value: T) -> Option<Arc<T>> {
         let replaced = self.inflight.data.insert(value);
         // Too late: the work it was for is done.
-        self.inflight.release_data_if_done();
+        self.inflight.let_go_if_done();
         replaced
     }
 
