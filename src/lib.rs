@@ -425,43 +425,27 @@
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-mod body;
-mod callback;
 mod context;
-mod deadline;
-mod driver;
-#[cfg(feature = "axum")]
-mod extract;
-mod future;
 mod handle;
-#[cfg(feature = "lambda")]
-mod hold;
-mod host;
 #[cfg(feature = "lambda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
 pub mod lambda;
-mod layer;
-mod ledger;
-mod pending;
-mod run_to_end;
-mod scope;
-mod service;
-mod serving;
-mod snapshot;
+mod middleware;
+mod request;
 mod tasks;
 #[cfg(test)]
 mod test_util;
 
-pub use body::AfterBody;
-pub use callback::AfterOutput;
+pub use context::snapshot::{RequestSnapshot, SnapshotConfig};
 pub use context::{AfterContext, Completion, Outcome};
 #[cfg(feature = "axum")]
-pub use extract::MissingAfterLayer;
-pub use future::ResponseFuture;
+pub use handle::extract::MissingAfterLayer;
 pub use handle::{after, try_after, After, AfterWork};
-pub use layer::{AfterLayer, MaxDuration, MaxDurationService};
-pub use ledger::AfterStats;
-pub use run_to_end::{RunToEnd, RunToEndFuture, RunToEndLayer};
-pub use service::AfterService;
-pub use snapshot::{RequestSnapshot, SnapshotConfig};
+pub use middleware::body::AfterBody;
+pub use middleware::future::ResponseFuture;
+pub use middleware::layer::{AfterLayer, MaxDuration, MaxDurationService};
+pub use middleware::run_to_end::{RunToEnd, RunToEndFuture, RunToEndLayer};
+pub use middleware::service::AfterService;
+pub use request::callback::AfterOutput;
+pub use tasks::ledger::AfterStats;
 pub use tasks::{AfterTasks, Overloaded, ShutdownReport};

@@ -3,10 +3,10 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-#[path = "../../src/scope.rs"]
+#[path = "../../src/request/scope.rs"]
 mod scope;
 
-#[path = "../../src/pending.rs"]
+#[path = "../../src/tasks/pending.rs"]
 mod pending;
 
 #[cfg(all(test, loom))]

@@ -18,8 +18,8 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tracing::Span;
 
 use crate::context::drop_caught;
-use crate::ledger::{Ended, Gauge, Ticket};
-use crate::scope::Named;
+use crate::request::scope::Named;
+use crate::tasks::ledger::{Ended, Gauge, Ticket};
 use crate::{AfterContext, RequestSnapshot};
 
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;

@@ -1,6 +1,11 @@
 //! [`AfterTasks`]: the view on every callback a layer has scheduled, for counting them and
 //! draining them at shutdown. The counting itself is in `ledger.rs`.
 
+pub(crate) mod deadline;
+pub(crate) mod ledger;
+pub(crate) mod pending;
+pub(crate) mod serving;
+
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -8,8 +13,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::deadline::{self, until};
-use crate::ledger::{AfterStats, Refusal, Shared, SETTLE};
+use crate::tasks::deadline::until;
+use crate::tasks::ledger::{AfterStats, Refusal, Shared, SETTLE};
 
 /// Why [`After::try_run`](crate::After::try_run) or [`After::try_run_with`](crate::After::try_run_with)
 /// refused work, with the work itself: the layer already holds its [maximum of pending

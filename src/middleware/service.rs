@@ -8,9 +8,9 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::body::Finisher;
-use crate::driver::{Config, Inflight, CURRENT};
-use crate::future::ResponseFuture;
+use crate::middleware::body::Finisher;
+use crate::middleware::future::ResponseFuture;
+use crate::request::driver::{Config, Inflight, CURRENT};
 use crate::{After, AfterBody, Completion, RequestSnapshot};
 
 /// Middleware that lets the requests it serves schedule work for after their response.

@@ -15,9 +15,9 @@ use tower_service::Service;
 
 use tokio::sync::Semaphore;
 
-use crate::callback::{finished, RunResult};
-use crate::driver::Config;
-use crate::service::RouteBudget;
+use crate::middleware::service::RouteBudget;
+use crate::request::callback::{finished, RunResult};
+use crate::request::driver::Config;
 use crate::{After, AfterContext, AfterService, AfterTasks, AfterWork, SnapshotConfig};
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
-use crate::callback::Stop;
-use crate::ledger::Draining;
+use crate::request::callback::Stop;
+use crate::tasks::ledger::Draining;
 
 /// A platform that runs a request's after-work on its own terms.
 pub(crate) trait Host: Send + Sync {

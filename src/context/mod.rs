@@ -1,5 +1,7 @@
 //! What a callback learns about its request: [`AfterContext`], [`Outcome`] and [`Completion`].
 
+pub(crate) mod snapshot;
+
 use std::any::{Any, TypeId};
 use std::fmt;
 use std::future::Future;

@@ -36,6 +36,8 @@
 //! A whole function, with the commands to run it under `cargo lambda watch` and to deploy it, is
 //! the example package `examples/lambda-function`.
 
+mod hold;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -50,10 +52,10 @@ use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::deadline::{self, until};
-use crate::hold::{Hold, Invocation};
-use crate::host::HostRef;
-use crate::ledger::Shared;
+use crate::lambda::hold::{Hold, Invocation};
+use crate::request::host::HostRef;
+use crate::tasks::deadline::{self, until};
+use crate::tasks::ledger::Shared;
 use crate::AfterTasks;
 
 /// A layer for `lambda_runtime`'s [`Runtime::layer`](lambda_runtime::Runtime::layer): each

@@ -1,5 +1,8 @@
 //! [`After`]: the handle a handler uses to schedule work for after its response.
 
+#[cfg(feature = "axum")]
+pub(crate) mod extract;
+
 use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
@@ -10,9 +13,9 @@ use std::time::Duration;
 
 use tokio::task::futures::TaskLocalFuture;
 
-use crate::callback::{Callback, Plain, WithContext};
-use crate::driver::{run_blocking, Inflight, CURRENT};
-use crate::scope::Start;
+use crate::request::callback::{Callback, Plain, WithContext};
+use crate::request::driver::{run_blocking, Inflight, CURRENT};
+use crate::request::scope::Start;
 use crate::tasks::Overloaded;
 use crate::AfterOutput;
 use crate::{AfterContext, RequestSnapshot};

@@ -10,8 +10,8 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 
-use crate::body::Finisher;
-use crate::driver::Inflight;
+use crate::middleware::body::Finisher;
+use crate::request::driver::Inflight;
 use crate::{AfterBody, Completion};
 
 pin_project! {

@@ -24,9 +24,9 @@ use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
-use crate::callback::Stop;
-use crate::host::{self, Host, HostRef};
-use crate::ledger::{Draining, Shared, StopSignal};
+use crate::request::callback::Stop;
+use crate::request::host::{self, Host, HostRef};
+use crate::tasks::ledger::{Draining, Shared, StopSignal};
 
 type Deferred = Box<dyn FnOnce() + Send>;
 

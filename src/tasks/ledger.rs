@@ -23,8 +23,8 @@ use tokio::sync::Notify;
 
 #[cfg(feature = "metrics")]
 use crate::context::drop_caught;
-use crate::pending::{Full, Pending};
-use crate::serving::Serving;
+use crate::tasks::pending::{Full, Pending};
+use crate::tasks::serving::Serving;
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.

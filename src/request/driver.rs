@@ -40,13 +40,13 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use tracing::Span;
 
-use crate::callback::{
+use crate::context::{Data, Finished};
+use crate::request::callback::{
     BoxCallback, Callback, Callbacks, Job, RunResult, Running, Stop, WithContext,
 };
-use crate::context::{Data, Finished};
-use crate::host::{self, HostRef};
-use crate::ledger::{Draining, Ended, Refusal, Refused, Shared, Ticket};
-use crate::scope::{Next, Scope, Start};
+use crate::request::host::{self, HostRef};
+use crate::request::scope::{Next, Scope, Start};
+use crate::tasks::ledger::{Draining, Ended, Refusal, Refused, Shared, Ticket};
 use crate::tasks::Overloaded;
 use crate::{AfterContext, Completion, Outcome, RequestSnapshot, SnapshotConfig};
 
@@ -639,7 +639,7 @@ pin_project! {
 // cells in steps of 128 bytes, so a change that grows it must be a conscious one. Carrying a
 // one-byte callback, it takes 176 bytes; spawned for queued work only, 184.
 const _: () = {
-    type Carrying = Driver<crate::callback::Plain<std::future::Ready<()>>>;
+    type Carrying = Driver<crate::request::callback::Plain<std::future::Ready<()>>>;
     assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Carrying>>() <= 176);
     assert!(std::mem::size_of::<TaskLocalFuture<Arc<Inflight>, Driver<BoxCallback>>>() <= 184);
     // The request's state, shared by its handle, its body and its drivers.
