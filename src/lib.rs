@@ -435,9 +435,11 @@ mod request;
 mod tasks;
 #[cfg(test)]
 mod test_util;
+mod unwind;
 
+pub use context::outcome::{Completion, Outcome};
 pub use context::snapshot::{RequestSnapshot, SnapshotConfig};
-pub use context::{AfterContext, Completion, Outcome};
+pub use context::AfterContext;
 #[cfg(feature = "axum")]
 pub use handle::extract::MissingAfterLayer;
 pub use handle::{after, try_after, After, AfterWork};

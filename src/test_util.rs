@@ -11,9 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use tower::{service_fn, Layer, Service};
+use http_body_util::BodyExt;
+use tower::{service_fn, Layer, Service, ServiceExt};
 
-use crate::{After, AfterLayer, Outcome};
+use crate::{After, AfterLayer, AfterTasks, Outcome};
 
 /// Outcomes seen by callbacks, in the order they ran.
 #[derive(Clone, Default)]
@@ -220,4 +221,22 @@ impl io::Write for LogWriter {
 /// (which is not an `AfterOutput`).
 pub(crate) fn fail(message: &str) {
     panic!("{message}")
+}
+
+/// Serves one request through `layer` with a handler that registers work with `register`,
+/// and reads the response to its end.
+pub(crate) async fn serve(layer: &AfterLayer, register: impl FnOnce(After) + Send + 'static) {
+    let register = Mutex::new(Some(register));
+    let service = layer.layer(service_fn(move |request: Request<()>| {
+        let after = request.extensions().get::<After>().unwrap().clone();
+        (register.lock().unwrap().take().unwrap())(after);
+        async { Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new())) }
+    }));
+    let path = Request::builder().uri("/orders/7").body(()).unwrap();
+    let response = service.oneshot(path).await.unwrap();
+    response.into_body().collect().await.unwrap();
+}
+
+pub(crate) async fn drained(tasks: &AfterTasks) {
+    eventually("no pending callbacks", || tasks.pending() == 0).await;
 }

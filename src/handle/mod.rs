@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use tokio::task::futures::TaskLocalFuture;
 
+use crate::request::blocking::run_blocking;
 use crate::request::callback::{Callback, Plain, WithContext};
-use crate::request::driver::{run_blocking, Inflight, CURRENT};
 use crate::request::scope::Start;
+use crate::request::{Inflight, REQUEST};
 use crate::tasks::Overloaded;
 use crate::AfterOutput;
 use crate::{AfterContext, RequestSnapshot};
@@ -97,7 +98,7 @@ impl After {
 
     /// `future`, polled with this request as the current one (for `After::current`).
     pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<Arc<Inflight>, F> {
-        CURRENT.scope(self.inflight.clone(), future)
+        REQUEST.scope(self.inflight.clone(), future)
     }
 
     pub(crate) fn set_budget(&self, budget: Duration) {
@@ -146,7 +147,7 @@ impl After {
     /// ```
     #[must_use]
     pub fn try_current() -> Option<Self> {
-        CURRENT
+        REQUEST
             .try_with(|inflight| Self::new(inflight.clone()))
             .ok()
     }

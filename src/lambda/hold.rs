@@ -24,8 +24,8 @@ use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
-use crate::request::callback::Stop;
 use crate::request::host::{self, Host, HostRef};
+use crate::request::stop::Stop;
 use crate::tasks::ledger::{Draining, Shared, StopSignal};
 
 type Deferred = Box<dyn FnOnce() + Send>;

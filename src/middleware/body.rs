@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::time::Instant;
 
-use crate::request::driver::Inflight;
+use crate::request::Inflight;
 use crate::Completion;
 use bytes::Buf;
 use http::header::CONTENT_LENGTH;

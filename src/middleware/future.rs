@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 
 use crate::middleware::body::Finisher;
-use crate::request::driver::Inflight;
+use crate::request::Inflight;
 use crate::{AfterBody, Completion};
 
 pin_project! {

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 
 use crate::middleware::service::RouteBudget;
 use crate::request::callback::{finished, RunResult};
-use crate::request::driver::Config;
+use crate::request::config::Config;
 use crate::{After, AfterContext, AfterService, AfterTasks, AfterWork, SnapshotConfig};
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see

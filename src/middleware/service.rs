@@ -10,7 +10,8 @@ use tower_service::Service;
 
 use crate::middleware::body::Finisher;
 use crate::middleware::future::ResponseFuture;
-use crate::request::driver::{Config, Inflight, CURRENT};
+use crate::request::config::Config;
+use crate::request::{Inflight, REQUEST};
 use crate::{After, AfterBody, Completion, RequestSnapshot};
 
 /// Middleware that lets the requests it serves schedule work for after their response.
@@ -105,7 +106,7 @@ where
         let mut finisher = Finisher::new(inflight.clone());
         let inner = self.inner.call(request);
         finisher.on_drop(Completion::Aborted);
-        ResponseFuture::new(CURRENT.scope(inflight, inner), finisher)
+        ResponseFuture::new(REQUEST.scope(inflight, inner), finisher)
     }
 }
 

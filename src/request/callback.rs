@@ -6,20 +6,20 @@ use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, AssertUnwindSafe, Location};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tracing::Span;
 
-use crate::context::drop_caught;
 use crate::request::scope::Named;
+use crate::request::stop::Stop;
 use crate::tasks::ledger::{Ended, Gauge, Ticket};
+use crate::unwind::drop_caught;
 use crate::{AfterContext, RequestSnapshot};
 
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
@@ -218,43 +218,6 @@ impl Job {
 impl Named for Job {
     fn name(&self) -> Option<&str> {
         self.name.as_deref()
-    }
-}
-
-/// Why a driver stops its callbacks before their end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stop {
-    /// The request's budget, of this length, ran out.
-    Budget(Duration),
-    /// A shutdown's grace period ran out.
-    Shutdown,
-    /// The platform that served the request wants its work stopped, for this reason
-    /// (`lambda::DrainLayer`: the invocation's deadline is near). Counted as timed out.
-    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-    Host(&'static str),
-}
-
-impl Stop {
-    fn ended(self) -> Ended {
-        match self {
-            Self::Budget(_) => Ended::TimedOut,
-            Self::Shutdown => Ended::Cancelled,
-            Self::Host(_) => Ended::TimedOut,
-        }
-    }
-}
-
-impl fmt::Display for Stop {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Budget(budget) => write!(
-                f,
-                "the request's max duration of {budget:?} ran out (raise it with `MaxDuration` \
-                 on the route or `AfterLayer::max_duration`)"
-            ),
-            Self::Shutdown => f.write_str("the shutdown grace period ran out"),
-            Self::Host(why) => f.write_str(why),
-        }
     }
 }
 
@@ -520,4 +483,287 @@ fn log_panic(request: &RequestSnapshot, name: Option<&str>, panic: Box<dyn Any +
     );
     // A payload whose own `Drop` panics would escape here, through the driver.
     drop_caught(panic);
+}
+
+/// The span a callback runs in: its own, with no parent, so that a pending callback never keeps
+/// the request's span open. It *follows from* the span current where it was registered (a link,
+/// in OpenTelemetry's terms), and names the request, so its lines can be traced back to it.
+/// Created only if a subscriber is interested in it: without one, even a disabled span costs
+/// hundreds of instructions (tracing's `log` fallback, the link, its drop), for every callback.
+pub(crate) fn callback_span(
+    request: &RequestSnapshot,
+    name: Option<&str>,
+    site: Option<&'static Location<'static>>,
+) -> Span {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "after",
+        method = %request.method(),
+        path = request.path(),
+        request_id = request.request_id(),
+        name,
+        site = site.map(tracing::field::display),
+    );
+    span.follows_from(Span::current());
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Empty};
+    use tokio::sync::oneshot;
+    use tower::{service_fn, Layer, ServiceExt};
+
+    use crate::test_util::{drained, eventually, fail, serve, Logs};
+    use crate::{After, AfterLayer};
+
+    type Body = Empty<bytes::Bytes>;
+
+    #[tokio::test]
+    async fn a_panicking_callback_is_logged_and_the_others_still_run() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counter = ran.clone();
+        serve(&layer, move |after| {
+            let before = counter.clone();
+            after.run(async move {
+                before.fetch_add(1, Ordering::SeqCst);
+            });
+            after.run_with(|_| async { fail("callback bug") });
+            after.run(async { fail("a second bug") });
+            after.run(async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+            });
+        })
+        .await;
+        drained(&layer.tasks()).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        let errors = logs.lines_with("after callback panicked");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("ERROR"), "{errors:?}");
+        assert!(errors[0].contains("method=GET"), "{errors:?}");
+        assert!(errors[0].contains("path=\"/orders/7\""), "{errors:?}");
+        assert!(errors[0].contains("callback bug"), "{errors:?}");
+    }
+
+    #[tokio::test]
+    async fn a_callback_that_returns_an_error_is_logged_and_counted_as_failed() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().after_each(|ctx| async move {
+            // A hook can fail too, and `?` works in it.
+            let path = ctx.request().path().to_owned();
+            std::fs::metadata(format!("/nonexistent/{path}"))?;
+            Ok::<_, std::io::Error>(())
+        });
+        let tasks = layer.tasks();
+        serve(&layer, |after| {
+            after.run(async { Err::<(), _>("the audit table is locked") });
+            after.run_with(|_| async {
+                let count: u32 = "not a number".parse()?;
+                let _ = count;
+                Ok::<_, std::num::ParseIntError>(())
+            });
+            after.wait_until(async { Ok::<_, String>(()) });
+            after.run_blocking(|_| Err::<(), _>(String::from("the disk is full")));
+            after.run(async { fail("a panic is not a failure") });
+        })
+        .await;
+        drained(&tasks).await;
+        let stats = tasks.stats();
+        assert_eq!(
+            (stats.completed(), stats.failed(), stats.panicked()),
+            (1, 4, 1),
+            "{stats:?}"
+        );
+        let failures = logs.lines_with("after callback failed");
+        assert_eq!(failures.len(), 4, "{}", logs.text());
+        assert!(failures.iter().all(|line| line.contains("ERROR")));
+        for error in [
+            "the audit table is locked",
+            "invalid digit found in string",
+            "the disk is full",
+            "No such file or directory",
+        ] {
+            assert!(
+                failures.iter().any(|line| line.contains(error)),
+                "{error}: {failures:?}"
+            );
+        }
+        assert!(failures[0].contains("path=\"/orders/7\""), "{failures:?}");
+    }
+
+    #[derive(Clone, Default)]
+    struct Spans(Arc<Mutex<SpanLog>>);
+
+    #[derive(Default)]
+    struct SpanLog {
+        roots: Vec<&'static str>,
+        follows: Vec<(&'static str, &'static str)>,
+        closed: Vec<&'static str>,
+        events: Vec<(String, Option<&'static str>)>,
+    }
+
+    impl<S> tracing_subscriber::Layer<S> for Spans
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _id: &tracing::span::Id,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if attrs.is_root() {
+                self.0.lock().unwrap().roots.push(attrs.metadata().name());
+            }
+        }
+
+        fn on_follows_from(
+            &self,
+            span: &tracing::span::Id,
+            follows: &tracing::span::Id,
+            ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let name = |id| ctx.span(id).map_or("?", |span| span.name());
+            let pair = (name(span), name(follows));
+            self.0.lock().unwrap().follows.push(pair);
+        }
+
+        fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+            let name = ctx.span(&id).map_or("?", |span| span.name());
+            self.0.lock().unwrap().closed.push(name);
+        }
+
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let span = ctx.event_span(event).map(|span| span.name());
+            let message = format!("{:?}", event.metadata().fields());
+            self.0.lock().unwrap().events.push((message, span));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_callback_does_not_hold_the_request_span_open() {
+        use tracing::Instrument;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let spans = Spans::default();
+        crate::test_util::ask_every_subscriber();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let (release, released) = oneshot::channel::<()>();
+        let released = Mutex::new(Some(released));
+        let service = layer.layer(service_fn(move |request: Request<()>| {
+            let after = request.extensions().get::<After>().unwrap().clone();
+            let released = released.lock().unwrap().take().unwrap();
+            // As `TraceLayer` would: the request's span covers the handler.
+            let span = tracing::info_span!("request");
+            span.in_scope(|| {
+                after.run(async move {
+                    released.await.unwrap();
+                    tracing::info!("audit written");
+                })
+            });
+            async { Ok::<_, Infallible>(Response::new(Body::new())) }.instrument(span)
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        response.into_body().collect().await.unwrap();
+
+        // The request's span closed with its response, while its callback still waits.
+        eventually("the request span to close", || {
+            spans.0.lock().unwrap().closed.contains(&"request")
+        })
+        .await;
+        assert_eq!(tasks.pending(), 1);
+        release.send(()).unwrap();
+        drained(&tasks).await;
+
+        let log = spans.0.lock().unwrap();
+        // The callback ran in its own root span, linked to the request's.
+        assert!(log.roots.contains(&"after"), "{:?}", log.roots);
+        assert_eq!(log.follows, [("after", "request")]);
+        let audit = log.events.iter().find(|(_, span)| *span == Some("after"));
+        assert!(audit.is_some(), "{:?}", log.events);
+        assert_eq!(log.closed, ["request", "after"]);
+    }
+
+    #[tokio::test]
+    async fn blocking_work_runs_off_the_async_workers_with_its_context() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        let slow_done = Arc::new(AtomicBool::new(false));
+        let seen_while_slow = Arc::new(Mutex::new(None));
+        let flag = slow_done.clone();
+        serve(&layer, move |after| {
+            after.run_blocking(move |ctx| {
+                assert_eq!(ctx.request().uri().path(), "/orders/7");
+                // The request is reachable from the blocking closure too.
+                assert!(After::try_current().is_some());
+                std::thread::sleep(Duration::from_millis(600));
+                flag.store(true, Ordering::SeqCst);
+            });
+            after.run_blocking(|_| fail("blocking bug"));
+        })
+        .await;
+        // Another request's callback runs while the blocking one sleeps.
+        let (flag, seen) = (slow_done.clone(), seen_while_slow.clone());
+        serve(&layer, move |after| {
+            after.run(async move { *seen.lock().unwrap() = Some(flag.load(Ordering::SeqCst)) });
+        })
+        .await;
+        eventually("the quick callback", || {
+            seen_while_slow.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(*seen_while_slow.lock().unwrap(), Some(false));
+        drained(&tasks).await;
+        assert!(slow_done.load(Ordering::SeqCst));
+        let stats = tasks.stats();
+        assert_eq!((stats.completed(), stats.panicked()), (2, 1));
+        assert_eq!(logs.lines_with("blocking bug").len(), 1);
+    }
+
+    /// Panics when dropped: user code the layer must survive.
+    struct PanicOnDrop;
+
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("a user Drop that panics");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_drop_during_cancellation_is_still_counted() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new().max_duration(Duration::from_secs(1));
+        let tasks = layer.tasks();
+        serve(&layer, |after| {
+            after.run(async {
+                let _guard = PanicOnDrop;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        })
+        .await;
+        drained(&tasks).await;
+        assert_eq!(tasks.stats().timed_out(), 1);
+        assert_eq!(logs.lines_with("a user Drop that panics").len(), 1);
+    }
 }

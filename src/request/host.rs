@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
-use crate::request::callback::Stop;
+use crate::request::stop::Stop;
 use crate::tasks::ledger::Draining;
 
 /// A platform that runs a request's after-work on its own terms.

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
-#[cfg(feature = "metrics")]
-use crate::context::drop_caught;
 use crate::tasks::pending::{Full, Pending};
 use crate::tasks::serving::Serving;
+#[cfg(feature = "metrics")]
+use crate::unwind::drop_caught;
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.
