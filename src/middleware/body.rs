@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::time::Instant;
 
+use crate::record::outcome::Completion;
 use crate::request::Inflight;
-use crate::Completion;
 use bytes::Buf;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, Method, Response, StatusCode};

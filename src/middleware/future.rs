@@ -10,9 +10,10 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 
+use crate::middleware::body::AfterBody;
 use crate::middleware::body::Finisher;
+use crate::record::outcome::Completion;
 use crate::request::Inflight;
-use crate::{AfterBody, Completion};
 
 pin_project! {
     /// Response future of [`AfterService`](crate::AfterService).

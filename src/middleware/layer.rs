@@ -15,10 +15,14 @@ use tower_service::Service;
 
 use tokio::sync::Semaphore;
 
+use crate::handle::{After, AfterWork};
+use crate::middleware::service::AfterService;
 use crate::middleware::service::RouteBudget;
+use crate::record::snapshot::SnapshotConfig;
 use crate::request::callback::{finished, RunResult};
 use crate::request::config::Config;
-use crate::{After, AfterContext, AfterService, AfterTasks, AfterWork, SnapshotConfig};
+use crate::request::context::AfterContext;
+use crate::tasks::AfterTasks;
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see
 /// [`After`].

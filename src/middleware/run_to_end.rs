@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::handle::After;
 use crate::request::blocking::AbortOnDrop;
-use crate::After;
 
 /// A [`Layer`] that lets handlers run to their end even when their client leaves.
 ///

@@ -8,11 +8,14 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::handle::After;
+use crate::middleware::body::AfterBody;
 use crate::middleware::body::Finisher;
 use crate::middleware::future::ResponseFuture;
+use crate::record::outcome::Completion;
+use crate::record::snapshot::RequestSnapshot;
 use crate::request::config::Config;
 use crate::request::{Inflight, REQUEST};
-use crate::{After, AfterBody, Completion, RequestSnapshot};
 
 /// Middleware that lets the requests it serves schedule work for after their response.
 ///

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use tokio::task::JoinHandle;
 use tracing::Span;
 
-use crate::context::AfterContext;
+use crate::request::context::AfterContext;
 use crate::request::REQUEST;
 
 /// Runs `callback` on Tokio's blocking pool, inside the current callback's span and with its

@@ -16,11 +16,12 @@ use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tracing::Span;
 
+use crate::record::snapshot::RequestSnapshot;
+use crate::request::context::AfterContext;
 use crate::request::scope::Named;
 use crate::request::stop::Stop;
 use crate::tasks::ledger::{Ended, Gauge, Ticket};
 use crate::unwind::drop_caught;
-use crate::{AfterContext, RequestSnapshot};
 
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::context::snapshot::SnapshotConfig;
-use crate::context::AfterContext;
+use crate::record::snapshot::SnapshotConfig;
 use crate::request::callback::RunResult;
+use crate::request::context::AfterContext;
 use crate::tasks::ledger::Shared;
 
 /// What a layer decides for each of its requests, and the state they share: one reference per

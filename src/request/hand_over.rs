@@ -13,7 +13,7 @@ use http::StatusCode;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use crate::context::outcome::{Completion, Outcome};
+use crate::record::outcome::{Completion, Outcome};
 use crate::request::callback::{callback_span, BoxCallback, Callback, Job, Running, WithContext};
 use crate::request::driver::Driver;
 use crate::request::scope::{Next, Start};

@@ -1,12 +1,6 @@
-//! What a callback learns about its request: [`AfterContext`], with the [`RequestSnapshot`] taken
-//! when the request entered the layer, the [`Outcome`] of its response, and what the handler
-//! left for it.
-//!
-//! [`RequestSnapshot`]: snapshot::RequestSnapshot
-
-pub(crate) mod data;
-pub(crate) mod outcome;
-pub(crate) mod snapshot;
+//! What a callback learns about its request: [`AfterContext`], a view on the request's state
+//! once its response finished: the snapshot taken when it entered the layer, the outcome of its
+//! response, its deadline, and what the handler left for it.
 
 use std::any::Any;
 use std::fmt;
@@ -14,8 +8,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::context::outcome::Outcome;
-use crate::context::snapshot::RequestSnapshot;
+use crate::record::outcome::Outcome;
+use crate::record::snapshot::RequestSnapshot;
 use crate::request::Inflight;
 
 /// What a [`run_with`](crate::After::run_with) callback receives: the request as it arrived and
@@ -63,7 +57,7 @@ impl AfterContext {
         &self.request.snapshot
     }
 
-    /// How the response ended: status, [`Completion`], bytes sent and time taken.
+    /// How the response ended: status, [`Completion`](crate::Completion), bytes sent and time taken.
     ///
     /// ```
     /// # use tower_after::{AfterContext, Completion};
@@ -83,7 +77,7 @@ impl AfterContext {
     /// the end of its response plus its max duration ([`AfterLayer::max_duration`] or
     /// [`MaxDuration`](crate::MaxDuration)), or, on AWS Lambda, its invocation's deadline less
     /// `lambda::DrainLayer`'s margin, if that comes first. `None` for a budget of
-    /// [`Duration::MAX`] with no such deadline.
+    /// [`Duration::MAX`](std::time::Duration::MAX) with no such deadline.
     ///
     /// A shutdown can stop callbacks earlier, at the end of its grace period:
     /// [`AfterContext::stopping`] tells when that starts.
