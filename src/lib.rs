@@ -447,5 +447,6 @@ pub use record::outcome::{Completion, Outcome};
 pub use record::snapshot::{RequestSnapshot, SnapshotConfig};
 pub use request::callback::AfterOutput;
 pub use request::context::AfterContext;
-pub use tasks::ledger::AfterStats;
-pub use tasks::{AfterTasks, Overloaded, ShutdownReport};
+pub use tasks::refusal::Overloaded;
+pub use tasks::stats::AfterStats;
+pub use tasks::{AfterTasks, ShutdownReport};

@@ -20,7 +20,7 @@ use crate::request::callback::{Callback, Plain, WithContext};
 use crate::request::context::AfterContext;
 use crate::request::scope::Start;
 use crate::request::{Inflight, REQUEST};
-use crate::tasks::Overloaded;
+use crate::tasks::refusal::Overloaded;
 
 /// Schedules work to run after the current request's response has been sent.
 ///

@@ -26,7 +26,8 @@ use tokio::time::Instant;
 
 use crate::request::host::{self, Host, HostRef};
 use crate::request::stop::Stop;
-use crate::tasks::ledger::{Draining, Shared, StopSignal};
+use crate::tasks::ledger::Ledger;
+use crate::tasks::signals::{Draining, StopSignal};
 
 type Deferred = Box<dyn FnOnce() + Send>;
 
@@ -48,7 +49,7 @@ pub(crate) struct Invocation {
     cap: Option<Instant>,
     /// The layer it was made for: its shutdown stops the invocation's work, whichever layer
     /// registered it.
-    drain: Arc<Shared>,
+    drain: Arc<Ledger>,
 }
 
 impl Invocation {
@@ -95,7 +96,7 @@ pub(crate) struct Hold(Arc<Invocation>);
 impl Hold {
     /// A new invocation, held, made for the layer whose state `drain` is, whose work stops at
     /// `cap`, if it has one.
-    pub(crate) fn new(drain: Arc<Shared>, cap: Option<Instant>) -> Self {
+    pub(crate) fn new(drain: Arc<Ledger>, cap: Option<Instant>) -> Self {
         Self(Arc::new(Invocation {
             cap,
             held: Mutex::new(Some(Vec::new())),

@@ -55,7 +55,7 @@ use tower_service::Service;
 use crate::lambda::hold::{Hold, Invocation};
 use crate::request::host::HostRef;
 use crate::tasks::deadline::{self, until};
-use crate::tasks::ledger::Shared;
+use crate::tasks::ledger::Ledger;
 use crate::tasks::AfterTasks;
 
 /// A layer for `lambda_runtime`'s [`Runtime::layer`](lambda_runtime::Runtime::layer): each
@@ -119,7 +119,7 @@ use crate::tasks::AfterTasks;
 #[cfg_attr(docsrs, doc(cfg(feature = "lambda")))]
 #[derive(Clone)]
 pub struct DrainLayer {
-    shared: Arc<Shared>,
+    ledger: Arc<Ledger>,
 }
 
 impl DrainLayer {
@@ -136,7 +136,7 @@ impl DrainLayer {
         // The thread that keeps invocations' deadlines when every worker is blocked.
         deadline::start();
         Self {
-            shared: tasks.shared().clone(),
+            ledger: tasks.ledger().clone(),
         }
     }
 }
@@ -147,7 +147,7 @@ impl<S> Layer<S> for DrainLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Drain {
             inner,
-            shared: self.shared.clone(),
+            ledger: self.ledger.clone(),
         }
     }
 }
@@ -163,7 +163,7 @@ impl fmt::Debug for DrainLayer {
 #[derive(Clone)]
 pub struct Drain<S> {
     inner: S,
-    shared: Arc<Shared>,
+    ledger: Arc<Ledger>,
 }
 
 impl<S> Drain<S> {
@@ -206,7 +206,7 @@ where
     fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
         let cap = cap(invocation.context.deadline());
         // A shutdown of the layer whose grace ran out stops this invocation's work too.
-        let hold = Hold::new(self.shared.clone(), cap);
+        let hold = Hold::new(self.ledger.clone(), cap);
         // `lambda_http` calls the router within this call, and axum calls `AfterLayer` when
         // the future is polled: both see the invocation.
         let inner = hold.sync_scope(|| self.inner.call(invocation));

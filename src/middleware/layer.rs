@@ -77,7 +77,7 @@ impl AfterLayer {
     pub fn new() -> Self {
         Self {
             config: Arc::new(Config {
-                shared: Arc::default(),
+                ledger: Arc::default(),
                 max_duration: Self::DEFAULT_MAX_DURATION,
                 limit: None,
                 limit_size: None,
@@ -303,7 +303,7 @@ impl AfterLayer {
     /// ```
     #[must_use]
     pub fn tasks(&self) -> AfterTasks {
-        AfterTasks::new(self.config.shared.clone())
+        AfterTasks::new(self.config.ledger.clone())
     }
 }
 

@@ -80,10 +80,10 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         // Where work registered off the runtime (a plain thread, a helper's runtime) will run.
-        self.config.shared.serving().remember_current();
+        self.config.ledger.serving().remember_current();
         let snapshot = RequestSnapshot::new(&request, &self.config.snapshot);
         if snapshot.truncated() {
-            if let Some(count) = self.config.shared.truncated() {
+            if let Some(count) = self.config.ledger.truncated() {
                 tracing::warn!(
                     method = %snapshot.method(),
                     path = snapshot.path(),

@@ -8,8 +8,10 @@
 //! scope says so), or when the request is dropped with them still counted.
 
 use crate::request::Inflight;
-use crate::tasks::ledger::{Ended, Refusal, Refused, Ticket};
-use crate::tasks::Overloaded;
+use crate::tasks::ledger::Ticket;
+use crate::tasks::refusal::Overloaded;
+use crate::tasks::refusal::Refused;
+use crate::tasks::stats::Ended;
 
 impl Inflight {
     /// A place for one more callback (under `name`, if it has one), or why not.
@@ -52,7 +54,7 @@ impl Inflight {
         // Work registered elsewhere while this runs may find the snapshot still counted and
         // then run uncounted; it is never released twice.
         if self.terms.is_held() && self.terms.release() {
-            self.shared().release_bytes(self.snapshot.held_bytes());
+            self.ledger().release_bytes(self.snapshot.held_bytes());
         }
     }
 
@@ -60,7 +62,7 @@ impl Inflight {
     pub(super) fn ticket(&self, name: Option<&str>, bound: usize) -> Result<Ticket, Overloaded> {
         let max_pending = self.config.max_pending;
         let max_held_bytes = self.config.max_held_bytes;
-        self.shared()
+        self.ledger()
             .ticket(bound)
             .and_then(|mut ticket| match self.hold_snapshot() {
                 Ok(()) => Ok(ticket),
@@ -70,30 +72,19 @@ impl Inflight {
                 }
             })
             .map_err(|refused| {
+                let overloaded = Overloaded::new(refused.why, max_pending, max_held_bytes);
                 if let Some(count) = refused.warn {
-                    let (method, path) = (self.snapshot.method(), self.snapshot.path());
-                    let request_id = self.snapshot.request_id();
-                    match refused.why {
-                        Refusal::Overloaded => tracing::warn!(
-                            %method, path, request_id, name, refused = count,
-                            "after callback refused: the layer holds its maximum of {max_pending} \
-                             pending callbacks (raise `AfterLayer::max_pending`, or lower the load \
-                             or the callbacks' max duration)"
-                        ),
-                        Refusal::HeldBytes => tracing::warn!(
-                            %method, path, request_id, name, refused = count,
-                            "after callback refused: pending work holds the layer's maximum of \
-                             {max_held_bytes} bytes of request snapshots (keep fewer headers with \
-                             `AfterLayer::snapshot`, or raise `AfterLayer::max_held_bytes`)"
-                        ),
-                        Refusal::ShutDown => tracing::warn!(
-                            %method, path, request_id, name, refused = count,
-                            "after callback refused: the layer was shut down and its grace period \
-                             ran out"
-                        ),
-                    }
+                    tracing::warn!(
+                        method = %self.snapshot.method(),
+                        path = self.snapshot.path(),
+                        request_id = self.snapshot.request_id(),
+                        name,
+                        refused = count,
+                        "after callback refused: {}",
+                        overloaded.cause()
+                    );
                 }
-                Overloaded::new(refused.why, max_pending, max_held_bytes)
+                overloaded
             })
     }
 
@@ -104,11 +95,11 @@ impl Inflight {
             return Ok(());
         }
         let bytes = self.snapshot.held_bytes();
-        self.shared()
+        self.ledger()
             .hold_bytes(bytes, self.config.max_held_bytes)?;
         if !self.terms.hold() {
             // Another thread counted it meanwhile.
-            self.shared().release_bytes(bytes);
+            self.ledger().release_bytes(bytes);
         }
         Ok(())
     }
@@ -118,7 +109,7 @@ impl Drop for Inflight {
     fn drop(&mut self) {
         // Work that never ended (its runtime went away) still held its place.
         if self.terms.is_held() {
-            self.config.shared.release_bytes(self.snapshot.held_bytes());
+            self.config.ledger.release_bytes(self.snapshot.held_bytes());
         }
     }
 }

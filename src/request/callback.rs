@@ -20,7 +20,8 @@ use crate::record::snapshot::RequestSnapshot;
 use crate::request::context::AfterContext;
 use crate::request::scope::Named;
 use crate::request::stop::Stop;
-use crate::tasks::ledger::{Ended, Gauge, Ticket};
+use crate::tasks::ledger::Ticket;
+use crate::tasks::stats::{Ended, Gauge};
 use crate::unwind::drop_caught;
 
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
@@ -294,7 +295,7 @@ impl<C: Callback> Running<C> {
                 None => Place::Running { _permit: None },
             };
             if let Some(gauge) = this.place.gauge() {
-                this.ticket.shared().gauge(gauge, true);
+                this.ticket.ledger().gauge(gauge, true);
             }
         }
     }
@@ -345,7 +346,7 @@ impl Place {
 /// whoever sees nothing pending sees the gauges at zero too.
 fn leave(place: &mut Place, ticket: &Ticket) {
     if let Some(gauge) = std::mem::replace(place, Place::Left).gauge() {
-        ticket.shared().gauge(gauge, false);
+        ticket.ledger().gauge(gauge, false);
     }
 }
 
@@ -376,9 +377,9 @@ impl<C: Callback> Future for Running<C> {
             *this.place = Place::Running {
                 _permit: permit.ok(),
             };
-            let shared = this.ticket.shared();
-            shared.gauge(Gauge::Queued, false);
-            shared.gauge(Gauge::Running, true);
+            let ledger = this.ticket.ledger();
+            ledger.gauge(Gauge::Queued, false);
+            ledger.gauge(Gauge::Running, true);
         }
         let Some(callback) = this.callback.as_mut().as_pin_mut() else {
             return Poll::Ready(());

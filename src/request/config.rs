@@ -12,13 +12,13 @@ use tokio::sync::Semaphore;
 use crate::record::snapshot::SnapshotConfig;
 use crate::request::callback::RunResult;
 use crate::request::context::AfterContext;
-use crate::tasks::ledger::Shared;
+use crate::tasks::ledger::Ledger;
 
 /// What a layer decides for each of its requests, and the state they share: one reference per
 /// request reaches it all.
 #[derive(Clone)]
 pub(crate) struct Config {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) ledger: Arc<Ledger>,
     pub(crate) max_duration: Duration,
     pub(crate) limit: Option<Arc<Semaphore>>,
     /// The number of places under `limit`, for `Debug`.

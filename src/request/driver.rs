@@ -26,7 +26,7 @@ use crate::request::callback::{BoxCallback, Callback, Callbacks, Running};
 use crate::request::scope::Start;
 use crate::request::stop::Stop;
 use crate::request::Inflight;
-use crate::tasks::ledger::Ended;
+use crate::tasks::stats::Ended;
 
 pin_project! {
     /// The task that runs one request's work: the callback it was spawned with, if any, inline,
@@ -76,7 +76,7 @@ pin_project! {
                     "after callbacks dropped: they need Tokio's time driver \
                      (call `enable_time` or `enable_all` on the runtime builder)"
                 );
-            } else if this.inflight.shared().shutdown().is_fired() {
+            } else if this.inflight.ledger().shutdown().is_fired() {
                 // Written off by a shutdown, which said so for all of them.
                 tracing::debug!(
                     %method, path, request_id, cancelled = count,
@@ -214,7 +214,7 @@ fn wait(
         // A host waits for its drivers (a Lambda invocation, before it takes the next event):
         // they stop at once when their own layer's grace runs out too.
         let host = inflight.host.as_ref().map(|host| {
-            let (stopping, shutdown) = (host.stopping(), inflight.shared().shutdown().fired());
+            let (stopping, shutdown) = (host.stopping(), inflight.ledger().shutdown().fired());
             let either: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
                 futures_util::future::select(stopping, std::pin::pin!(shutdown)).await;
             });

@@ -18,8 +18,9 @@ use crate::request::callback::{callback_span, BoxCallback, Callback, Job, Runnin
 use crate::request::driver::Driver;
 use crate::request::scope::{Next, Start};
 use crate::request::{Inflight, REQUEST};
-use crate::tasks::ledger::{Ended, Ticket};
-use crate::tasks::Overloaded;
+use crate::tasks::ledger::Ticket;
+use crate::tasks::refusal::Overloaded;
+use crate::tasks::stats::Ended;
 
 impl Inflight {
     /// Registers `callback`, or refuses it when the layer holds its maximum of pending
@@ -150,9 +151,9 @@ impl Inflight {
     pub(super) fn spawn(self: &Arc<Self>, serving: bool) {
         let current = Handle::try_current().ok();
         let runtime = if serving {
-            current.or_else(|| self.shared().serving().handle())
+            current.or_else(|| self.ledger().serving().handle())
         } else {
-            self.shared().serving().handle().or(current)
+            self.ledger().serving().handle().or(current)
         };
         let Some(runtime) = runtime else {
             let abandoned = self.scope.abandon();
@@ -172,7 +173,7 @@ impl Inflight {
             return;
         };
         if serving {
-            self.shared().serving().remember(&runtime);
+            self.ledger().serving().remember(&runtime);
         }
         let driver = Driver::<BoxCallback>::new(self.clone(), None, Start::Now);
         runtime.spawn(REQUEST.scope(self.clone(), driver));

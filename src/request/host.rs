@@ -17,7 +17,7 @@ use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
 use crate::request::stop::Stop;
-use crate::tasks::ledger::Draining;
+use crate::tasks::signals::Draining;
 
 /// A platform that runs a request's after-work on its own terms.
 pub(crate) trait Host: Send + Sync {

@@ -40,7 +40,7 @@ use crate::request::config::Config;
 use crate::request::context::AfterContext;
 use crate::request::host::HostRef;
 use crate::request::scope::Scope;
-use crate::tasks::ledger::Shared;
+use crate::tasks::ledger::Ledger;
 
 use self::callback::Job;
 
@@ -121,8 +121,8 @@ impl Inflight {
         inflight
     }
 
-    pub(super) fn shared(&self) -> &Arc<Shared> {
-        &self.config.shared
+    pub(super) fn ledger(&self) -> &Arc<Ledger> {
+        &self.config.ledger
     }
 
     /// Sets the callbacks' budget: the layer's, then a route's `MaxDuration` while the request is

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::request::Inflight;
-use crate::tasks::ledger::{Draining, Ended};
+use crate::tasks::signals::Draining;
+use crate::tasks::stats::Ended;
 
 /// Why a driver stops its callbacks before their end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +77,7 @@ impl Inflight {
     /// host wants its work stopped. Read from flags, set before their waiters are woken, so
     /// that a driver woken by one also gets an answer here.
     pub(super) fn cancelled(&self) -> Option<Stop> {
-        if self.shared().shutdown().is_fired() {
+        if self.ledger().shutdown().is_fired() {
             return Some(Stop::Shutdown);
         }
         self.host.as_ref()?.stop()
@@ -101,7 +102,7 @@ impl Inflight {
     /// or its host's), or its end of work is near. `AfterContext::stopping`.
     pub(crate) fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         // Its own layer's drains, and its host's (a Lambda drain made for another layer).
-        let own = self.shared().draining();
+        let own = self.ledger().draining();
         let host = self.host.as_ref().and_then(|host| host.draining());
         // Made before the counts are read: they hear every drain that starts from then on.
         let own_started = own.started();

@@ -14,22 +14,26 @@
 //! going away.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
 use crate::tasks::pending::{Full, Pending};
+use crate::tasks::refusal::{Refusal, Refused, Warnings};
 use crate::tasks::serving::Serving;
+use crate::tasks::signals::{Draining, StopSignal};
+#[cfg(feature = "metrics")]
+use crate::tasks::stats::names;
+use crate::tasks::stats::{AfterStats, Ended, Gauge, Totals};
 #[cfg(feature = "metrics")]
 use crate::unwind::drop_caught;
 
 /// State shared by every clone of one [`AfterLayer`](crate::AfterLayer) and by the requests it
 /// serves.
 #[derive(Default)]
-pub(crate) struct Shared {
+pub(crate) struct Ledger {
     pending: Pending,
     totals: Totals,
     /// Callers of `idle()` that wait: reaching zero wakes them, and costs nothing without.
@@ -55,108 +59,10 @@ pub(crate) struct Shared {
     held_bytes: AtomicUsize,
 }
 
-/// The totals, each counted on its own: they agree with each other whenever nothing is pending
-/// (see [`Shared::ended`]).
-#[derive(Default)]
-struct Totals {
-    scheduled: AtomicU64,
-    completed: AtomicU64,
-    failed: AtomicU64,
-    panicked: AtomicU64,
-    timed_out: AtomicU64,
-    cancelled: AtomicU64,
-    forgotten: AtomicU64,
-    shed: AtomicU64,
-    /// Snapshots cut by their cap.
-    truncated: AtomicU64,
-    /// Written off by a shutdown: cancelled, but in the report of the drain that wrote them off
-    /// only.
-    written_off: AtomicU64,
-    running: AtomicU64,
-    queued: AtomicU64,
-}
-
-impl Totals {
-    fn of(&self, how: Ended) -> &AtomicU64 {
-        match how {
-            Ended::Completed => &self.completed,
-            Ended::Failed => &self.failed,
-            Ended::Panicked => &self.panicked,
-            Ended::TimedOut => &self.timed_out,
-            Ended::Cancelled => &self.cancelled,
-            Ended::Forgotten => &self.forgotten,
-            Ended::Shed => &self.shed,
-        }
-    }
-}
-
-/// How a callback ended, for the counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ended {
-    /// It ran to its end.
-    Completed,
-    /// It returned an error.
-    Failed,
-    /// It panicked.
-    Panicked,
-    /// Its request's budget, or its platform's time, ran out first.
-    TimedOut,
-    /// A shutdown, or the lack of a runtime, dropped it.
-    Cancelled,
-    /// It was replaced by a callback of the same name, or forgotten, before it started.
-    Forgotten,
-    /// It was refused when registered.
-    Shed,
-}
-
-/// The gauges, for [`Shared::gauge`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Gauge {
-    Running,
-    Queued,
-}
-
-/// Why new work was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// The layer holds its maximum of pending callbacks: counted as shed.
-    Overloaded,
-    /// Pending work holds the layer's maximum of snapshot bytes: counted as shed.
-    HeldBytes,
-    /// The layer was shut down: not counted, the shutdown's report is final.
-    ShutDown,
-}
-
-/// Events since the last warning about them, and when that was: one warning a second at most.
-#[derive(Default)]
-struct Warnings {
-    /// Milliseconds since `since` at the last warning, plus one; 0 before the first.
-    last_warning: AtomicU64,
-    unreported: AtomicU64,
-    since: OnceLock<Instant>,
-}
-
-impl Warnings {
-    /// Counts one event; `Some(events since the last warning)` when a warning is due now.
-    fn event(&self) -> Option<u64> {
-        self.unreported.fetch_add(1, Ordering::Relaxed);
-        let since = *self.since.get_or_init(Instant::now);
-        let now = u64::try_from(since.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.last_warning.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= 1_000;
-        (due && (self.last_warning)
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok())
-        .then(|| self.unreported.swap(0, Ordering::Relaxed))
-    }
-}
-
 /// A callback's line in the ledger, from its registration: it ends exactly once, as told with
 /// [`Ticket::close`], or as cancelled when dropped without that.
 pub(crate) struct Ticket {
-    shared: Arc<Shared>,
+    ledger: Arc<Ledger>,
     open: bool,
 }
 
@@ -165,12 +71,12 @@ impl Ticket {
     pub(crate) fn close(&mut self, how: Ended) {
         if self.open {
             self.open = false;
-            self.shared.ended(how);
+            self.ledger.ended(how);
         }
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    pub(crate) fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
     }
 }
 
@@ -186,15 +92,7 @@ impl fmt::Debug for Ticket {
     }
 }
 
-/// A refused registration, with the warning to log when one is due.
-#[derive(Debug)]
-pub(crate) struct Refused {
-    pub(crate) why: Refusal,
-    /// `Some(refused since the last warning)` when a warning is due now.
-    pub(crate) warn: Option<u64>,
-}
-
-impl Shared {
+impl Ledger {
     /// Counts a newly registered callback, until its ticket ends. When the layer already holds
     /// `bound` pending callbacks, the callback is refused and counted as shed instead; when it
     /// was shut down, it is refused and not counted.
@@ -228,7 +126,7 @@ impl Shared {
         #[cfg(feature = "metrics")]
         metrics::counter!(names::SCHEDULED).increment(1);
         Ok(Ticket {
-            shared: self.clone(),
+            ledger: self.clone(),
             open: true,
         })
     }
@@ -413,7 +311,7 @@ impl Shared {
     /// Resolves as soon as nothing is pending.
     pub(crate) async fn idle(&self) {
         /// Counts its caller among the waiters while it lives, however the wait ends.
-        struct Waiting<'a>(&'a Shared);
+        struct Waiting<'a>(&'a Ledger);
 
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
@@ -440,237 +338,6 @@ impl Shared {
     }
 }
 
-/// Tells the callbacks that asked (`AfterContext::stopping`) to wrap up: raised while a shutdown
-/// drains, and lowered once no drain is under way, so that a drain that ended within its grace
-/// leaves the layer working as before. A count, not a flag: two drains may overlap.
-#[derive(Default)]
-pub(crate) struct Draining {
-    /// Drains under way.
-    drains: AtomicUsize,
-    waiters: Arc<Notify>,
-}
-
-impl Draining {
-    /// A drain starts: wakes every waiter. It is under way until the guard is dropped.
-    pub(crate) fn start(&self) -> DrainUnderWay<'_> {
-        // Counted before the waiters are woken, so that a woken waiter finds it under way.
-        self.drains.fetch_add(1, Ordering::SeqCst);
-        self.waiters.notify_waiters();
-        DrainUnderWay(self)
-    }
-
-    /// Whether a drain is under way.
-    pub(crate) fn is_under_way(&self) -> bool {
-        self.drains.load(Ordering::SeqCst) > 0
-    }
-
-    /// Resolves once a drain started after its creation. Check [`Draining::is_under_way`] after
-    /// creating it, not before: it hears every start from its creation on.
-    pub(crate) fn started(&self) -> OwnedNotified {
-        self.waiters.clone().notified_owned()
-    }
-}
-
-/// A drain under way, until dropped: when it ends, or when its future is dropped.
-pub(crate) struct DrainUnderWay<'a>(&'a Draining);
-
-impl Drop for DrainUnderWay<'_> {
-    fn drop(&mut self) {
-        self.0.drains.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Tells work to stop at once: a flag that drivers read whenever they are woken, before they
-/// poll anything, and a `Notify` for the few that wait for it (the drivers a Lambda invocation
-/// waits for).
-#[derive(Default)]
-pub(crate) struct StopSignal {
-    fired: AtomicBool,
-    waiters: Arc<Notify>,
-}
-
-impl StopSignal {
-    /// Tells the work to stop.
-    pub(crate) fn fire(&self) {
-        // Set before the waiters are woken, so that a woken driver finds it set.
-        self.fired.store(true, Ordering::SeqCst);
-        self.waiters.notify_waiters();
-    }
-
-    /// Whether [`StopSignal::fire`] was called.
-    pub(crate) fn is_fired(&self) -> bool {
-        self.fired.load(Ordering::Acquire)
-    }
-
-    /// Resolves once the signal fired after its creation. Check [`StopSignal::is_fired`] after
-    /// creating it, not before: it hears every firing from its creation on.
-    pub(crate) fn fired(&self) -> OwnedNotified {
-        self.waiters.clone().notified_owned()
-    }
-}
-
-#[cfg(feature = "metrics")]
-pub(crate) mod names {
-    use super::Ended;
-
-    pub(crate) const SCHEDULED: &str = "tower_after_callbacks_scheduled_total";
-    pub(crate) const SHED: &str = "tower_after_callbacks_shed_total";
-    pub(crate) const TRUNCATED: &str = "tower_after_snapshots_truncated_total";
-    pub(crate) const RUNNING: &str = "tower_after_callbacks_running";
-    pub(crate) const QUEUED: &str = "tower_after_callbacks_queued";
-
-    pub(crate) fn ended(how: Ended) -> &'static str {
-        match how {
-            Ended::Completed => "tower_after_callbacks_completed_total",
-            Ended::Failed => "tower_after_callbacks_failed_total",
-            Ended::Panicked => "tower_after_callbacks_panicked_total",
-            Ended::TimedOut => "tower_after_callbacks_timed_out_total",
-            Ended::Cancelled => "tower_after_callbacks_cancelled_total",
-            Ended::Forgotten => "tower_after_callbacks_forgotten_total",
-            Ended::Shed => SHED,
-        }
-    }
-}
-
-/// Counters and gauges of the callbacks of one [`AfterLayer`](crate::AfterLayer) and its clones,
-/// from [`AfterTasks::stats`](crate::AfterTasks::stats).
-///
-/// The totals only grow. Every callback scheduled is either pending (see
-/// [`AfterTasks::pending`](crate::AfterTasks::pending): queued behind its response, waiting for
-/// a concurrency permit, or running) or counted in exactly one of `completed`, `failed`,
-/// `panicked`, `timed_out`, `cancelled`, `forgotten` and `shed`. Each total is exact, and read on
-/// its own: while callbacks end, a reading may see one ending's total before the pending count
-/// drops. Whenever [`AfterTasks::idle`](crate::AfterTasks::idle) or a shutdown report says
-/// nothing is pending, they all agree.
-///
-/// With the `metrics` feature, the same numbers are published through the [`metrics`] facade:
-///
-/// | name | kind |
-/// |---|---|
-/// | `tower_after_callbacks_scheduled_total` | counter |
-/// | `tower_after_callbacks_completed_total` | counter |
-/// | `tower_after_callbacks_failed_total` | counter |
-/// | `tower_after_callbacks_panicked_total` | counter |
-/// | `tower_after_callbacks_timed_out_total` | counter |
-/// | `tower_after_callbacks_cancelled_total` | counter |
-/// | `tower_after_callbacks_forgotten_total` | counter |
-/// | `tower_after_callbacks_shed_total` | counter |
-/// | `tower_after_snapshots_truncated_total` | counter |
-/// | `tower_after_callbacks_running` | gauge |
-/// | `tower_after_callbacks_queued` | gauge |
-///
-/// [`metrics`]: https://docs.rs/metrics
-///
-/// ```
-/// let tasks = tower_after::AfterLayer::new().tasks();
-/// let stats = tasks.stats();
-/// let ended = stats.completed() + stats.failed() + stats.panicked() + stats.timed_out()
-///     + stats.cancelled() + stats.forgotten() + stats.shed();
-/// assert_eq!(stats.scheduled(), ended + tasks.pending());
-/// println!("{} running, {} waiting for a place", stats.running(), stats.queued());
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AfterStats {
-    pub(crate) scheduled: u64,
-    pub(crate) completed: u64,
-    pub(crate) failed: u64,
-    pub(crate) panicked: u64,
-    pub(crate) timed_out: u64,
-    pub(crate) cancelled: u64,
-    pub(crate) forgotten: u64,
-    pub(crate) shed: u64,
-    pub(crate) truncated: u64,
-    pub(crate) held_bytes: u64,
-    pub(crate) running: u64,
-    pub(crate) queued: u64,
-}
-
-impl AfterStats {
-    /// Callbacks and `wait_until` futures registered, in total.
-    #[must_use]
-    pub fn scheduled(&self) -> u64 {
-        self.scheduled
-    }
-
-    /// Callbacks that ran to their end.
-    #[must_use]
-    pub fn completed(&self) -> u64 {
-        self.completed
-    }
-
-    /// Callbacks that returned an error (each one logged at `ERROR`, naming it): see
-    /// [`AfterOutput`](crate::AfterOutput).
-    #[must_use]
-    pub fn failed(&self) -> u64 {
-        self.failed
-    }
-
-    /// Callbacks that panicked (each one logged as an error).
-    #[must_use]
-    pub fn panicked(&self) -> u64 {
-        self.panicked
-    }
-
-    /// Callbacks cancelled because their request's max duration ran out, whether they had
-    /// started or were still waiting; on AWS Lambda, also those cancelled because their
-    /// invocation's deadline was near (`lambda::DrainLayer`, feature `lambda`).
-    #[must_use]
-    pub fn timed_out(&self) -> u64 {
-        self.timed_out
-    }
-
-    /// Callbacks cancelled by a shutdown whose grace period ran out, or dropped because no Tokio
-    /// runtime was there to run them.
-    #[must_use]
-    pub fn cancelled(&self) -> u64 {
-        self.cancelled
-    }
-
-    /// Named callbacks replaced by a later one of the same name, or removed with
-    /// [`After::forget`](crate::After::forget), before they started.
-    #[must_use]
-    pub fn forgotten(&self) -> u64 {
-        self.forgotten
-    }
-
-    /// Callbacks refused when registered, because the layer already held its
-    /// [maximum of pending callbacks](crate::AfterLayer::max_pending), or pending work already
-    /// held its [maximum of snapshot bytes](crate::AfterLayer::max_held_bytes). They never ran;
-    /// each refusal is also logged (a `WARN` a second at most, with the count).
-    #[must_use]
-    pub fn shed(&self) -> u64 {
-        self.shed
-    }
-
-    /// Request snapshots cut by their cap ([`SnapshotConfig::max_bytes`](crate::SnapshotConfig::max_bytes)):
-    /// headers, or the request target, left out because the request was larger. Each is also
-    /// logged (a `WARN` a second at most, with the count), and marked
-    /// [`truncated`](crate::RequestSnapshot::truncated) for its callbacks.
-    #[must_use]
-    pub fn truncated(&self) -> u64 {
-        self.truncated
-    }
-
-    /// Bytes of request snapshots that pending callbacks hold now, bounded by
-    /// [`AfterLayer::max_held_bytes`](crate::AfterLayer::max_held_bytes).
-    #[must_use]
-    pub fn held_bytes(&self) -> u64 {
-        self.held_bytes
-    }
-
-    /// Callbacks running now.
-    #[must_use]
-    pub fn running(&self) -> u64 {
-        self.running
-    }
-
-    /// Callbacks waiting now for a place under the concurrency limit.
-    #[must_use]
-    pub fn queued(&self) -> u64 {
-        self.queued
-    }
-}
-
 /// How long a shutdown whose grace ran out waits for callbacks counting their own ending.
 pub(crate) const SETTLE: Duration = Duration::from_millis(50);
 
@@ -678,7 +345,7 @@ pub(crate) const SETTLE: Duration = Duration::from_millis(50);
 mod tests {
     use std::sync::{Arc, Barrier};
 
-    use super::Shared;
+    use super::Ledger;
 
     /// `settled()` reads the written-off total twice (once inside `stats()`): a write-off
     /// landing between the two reads makes `cancelled -= written_off` underflow (a panic in
@@ -688,22 +355,22 @@ mod tests {
     fn settled_totals_never_underflow_while_a_write_off_lands() {
         let barrier = Arc::new(Barrier::new(2));
         for _ in 0..20_000 {
-            let shared = Arc::new(Shared::default());
+            let ledger = Arc::new(Ledger::default());
             let tickets: Vec<_> = (0..64)
-                .map(|_| shared.ticket(usize::MAX).unwrap())
+                .map(|_| ledger.ticket(usize::MAX).unwrap())
                 .collect();
             let writer = {
-                let (shared, barrier) = (shared.clone(), barrier.clone());
+                let (ledger, barrier) = (ledger.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    shared.write_off()
+                    ledger.write_off()
                 })
             };
             barrier.wait();
             while !writer.is_finished() {
-                let _ = shared.settled();
+                let _ = ledger.settled();
             }
-            let _ = shared.settled();
+            let _ = ledger.settled();
             assert_eq!(writer.join().unwrap(), 64);
             drop(tickets);
         }

@@ -4,7 +4,10 @@
 pub(crate) mod deadline;
 pub(crate) mod ledger;
 pub(crate) mod pending;
+pub(crate) mod refusal;
 pub(crate) mod serving;
+pub(crate) mod signals;
+pub(crate) mod stats;
 
 use std::fmt;
 use std::future::Future;
@@ -14,128 +17,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::tasks::deadline::until;
-use crate::tasks::ledger::{AfterStats, Refusal, Shared, SETTLE};
-
-/// Why [`After::try_run`](crate::After::try_run) or [`After::try_run_with`](crate::After::try_run_with)
-/// refused work, with the work itself: the layer already holds its [maximum of pending
-/// callbacks](crate::AfterLayer::max_pending) or [of snapshot bytes](crate::AfterLayer::max_held_bytes),
-/// or it was shut down and takes no more work.
-///
-/// ```
-/// # async fn example(later: tower_after::After) {
-/// let receipt = async { /* send the receipt */ };
-/// if let Err(refused) = later.try_run(receipt) {
-///     eprintln!("{refused}"); // names the limit and how to raise it
-///     refused.into_work().await; // do it now instead
-/// }
-/// # }
-/// ```
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Overloaded<W = ()> {
-    why: Refusal,
-    max_pending: usize,
-    max_held_bytes: usize,
-    work: W,
-}
-
-impl Overloaded {
-    pub(crate) fn new(why: Refusal, max_pending: usize, max_held_bytes: usize) -> Self {
-        Self {
-            why,
-            max_pending,
-            max_held_bytes,
-            work: (),
-        }
-    }
-}
-
-impl<W> Overloaded<W> {
-    /// The same refusal, carrying `work` instead.
-    pub(crate) fn with_work<V>(self, work: V) -> Overloaded<V> {
-        Overloaded {
-            why: self.why,
-            max_pending: self.max_pending,
-            max_held_bytes: self.max_held_bytes,
-            work,
-        }
-    }
-
-    /// The layer's maximum of pending callbacks.
-    #[must_use]
-    pub fn max_pending(&self) -> usize {
-        self.max_pending
-    }
-
-    /// Whether the work was refused because a shutdown of the layer had written off its work
-    /// (its grace ran out), rather than because the layer was full.
-    #[must_use]
-    pub fn is_shut_down(&self) -> bool {
-        self.why == Refusal::ShutDown
-    }
-
-    /// The work that was refused, unregistered and never polled: run it now, store it, or drop
-    /// it.
-    #[must_use]
-    pub fn into_work(self) -> W {
-        self.work
-    }
-
-    /// The refusal alone, its work dropped: for `?` into an error type that takes only
-    /// `Send + Sync + 'static` errors (`Box<dyn Error + Send + Sync>`, `anyhow::Error`), which
-    /// a refusal carrying a future usually is not, since most futures are not `Sync`.
-    ///
-    /// ```
-    /// use tower_after::{After, Overloaded};
-    ///
-    /// fn schedule(later: &After) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    ///     later
-    ///         .try_run(async { /* send the receipt */ })
-    ///         .map_err(Overloaded::without_work)?;
-    ///     Ok(())
-    /// }
-    /// ```
-    #[must_use]
-    pub fn without_work(self) -> Overloaded {
-        self.with_work(())
-    }
-}
-
-impl<W> fmt::Debug for Overloaded<W> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Overloaded")
-            .field("why", &self.why)
-            .field("max_pending", &self.max_pending)
-            .field("max_held_bytes", &self.max_held_bytes)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<W> fmt::Display for Overloaded<W> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.why {
-            Refusal::Overloaded => write!(
-                f,
-                "after-response work refused: the layer holds its maximum of {} pending \
-                 callbacks (raise it with `AfterLayer::max_pending`)",
-                self.max_pending
-            ),
-            Refusal::HeldBytes => write!(
-                f,
-                "after-response work refused: pending work holds the layer's maximum of {} bytes \
-                 of request snapshots (keep fewer headers with `AfterLayer::snapshot`, or raise \
-                 `AfterLayer::max_held_bytes`)",
-                self.max_held_bytes
-            ),
-            Refusal::ShutDown => f.write_str(
-                "after-response work refused: the layer was shut down and its grace period ran \
-                 out (register work before `AfterTasks::shutdown` gives up, or give it a longer \
-                 grace)",
-            ),
-        }
-    }
-}
-
-impl<W> std::error::Error for Overloaded<W> {}
+use crate::tasks::ledger::{Ledger, SETTLE};
+use crate::tasks::stats::AfterStats;
 
 /// A handle on every callback scheduled through one [`AfterLayer`](crate::AfterLayer) and its
 /// clones: how many are pending, and a way to drain them when the server stops.
@@ -178,24 +61,24 @@ impl<W> std::error::Error for Overloaded<W> {}
 /// ```
 #[derive(Clone)]
 pub struct AfterTasks {
-    shared: Arc<Shared>,
+    ledger: Arc<Ledger>,
 }
 
 impl AfterTasks {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub(crate) fn new(ledger: Arc<Ledger>) -> Self {
+        Self { ledger }
     }
 
     #[cfg(feature = "lambda")]
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    pub(crate) fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
     }
 
     /// The number of callbacks and [`wait_until`](crate::After::wait_until) futures registered
     /// and not yet ended: queued behind a response that is still being sent, or running.
     #[must_use]
     pub fn pending(&self) -> u64 {
-        self.shared.pending()
+        self.ledger.pending()
     }
 
     /// Counters and gauges of every callback scheduled through this layer and its clones.
@@ -208,7 +91,7 @@ impl AfterTasks {
     /// ```
     #[must_use]
     pub fn stats(&self) -> AfterStats {
-        self.shared.stats()
+        self.ledger.stats()
     }
 
     /// Resolves as soon as nothing is pending: every callback registered so far has ended.
@@ -237,7 +120,7 @@ impl AfterTasks {
     /// # }
     /// ```
     pub async fn idle(&self) {
-        self.shared.idle().await;
+        self.ledger.idle().await;
     }
 
     /// Waits for every pending callback, for at most `grace`, then reports what happened to them.
@@ -284,24 +167,24 @@ impl AfterTasks {
         // Here, not in the future's poll: the thread that keeps the deadline when every worker
         // is blocked.
         deadline::start();
-        let shared = self.shared.clone();
+        let ledger = self.ledger.clone();
         async move {
             let deadline = Instant::now().checked_add(grace);
-            let turn = until(deadline, shared.drain.lock()).await;
-            let before = shared.settled();
+            let turn = until(deadline, ledger.drain.lock()).await;
+            let before = ledger.settled();
             // Callbacks that watch `AfterContext::stopping` wrap up now, within the grace, and
             // until the drain ends: a drain that ends in time leaves the layer as before. Told
             // only once the totals are read, so that one that wraps up at once is in this
             // report. A drain waiting for another's turn needs not tell them: that one has.
-            let _under_way = shared.draining().start();
-            let drained = turn.is_some() && until(deadline, shared.idle()).await.is_some();
-            let written_off = if drained { 0 } else { shared.write_off() };
+            let _under_way = ledger.draining().start();
+            let drained = turn.is_some() && until(deadline, ledger.idle()).await.is_some();
+            let written_off = if drained { 0 } else { ledger.write_off() };
             if !drained {
                 // Callbacks that were counting their own end as the layer closed finish that
                 // now, in a moment.
-                let _ = until(Instant::now().checked_add(SETTLE), shared.idle()).await;
+                let _ = until(Instant::now().checked_add(SETTLE), ledger.idle()).await;
             }
-            let after = shared.settled();
+            let after = ledger.settled();
             let report = match turn {
                 Some(_) => ShutdownReport::between(&before, &after, written_off),
                 None => ShutdownReport {
