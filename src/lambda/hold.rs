@@ -118,7 +118,7 @@ impl Hold {
     }
 
     fn host(&self) -> HostRef {
-        Arc::new(Box::new(self.0.clone()))
+        self.0.clone()
     }
 
     /// Starts the work held back: the invocation's response is posted.

@@ -54,7 +54,7 @@ use tower_service::Service;
 
 use crate::lambda::hold::{Hold, Invocation};
 use crate::request::host::HostRef;
-use crate::tasks::deadline::{self, until};
+use crate::tasks::deadline::{self, until, SETTLE};
 use crate::tasks::ledger::Ledger;
 use crate::tasks::AfterTasks;
 
@@ -214,7 +214,7 @@ where
             inner: hold.scope(inner),
             hold: Some(hold),
             cap,
-            draining: None,
+            settling: None,
         }
     }
 }
@@ -249,7 +249,8 @@ fn cap(deadline: SystemTime) -> Option<Instant> {
     }
 }
 
-type Draining = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// The wait for an invocation's after-work, once its response is posted.
+type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pin_project! {
     /// Response future of [`Drain`]: the invocation, up to the post of its response,
@@ -265,7 +266,7 @@ pin_project! {
         hold: Option<Hold>,
         cap: Option<Instant>,
         // Once the response is posted, while work runs: the invocation's outcome, and the wait.
-        draining: Option<(F::Output, Draining)>,
+        settling: Option<(F::Output, Settling)>,
     }
 }
 
@@ -280,15 +281,15 @@ impl<F: Future> Future for DrainFuture<F> {
             let invocation = this.hold.take().map(Hold::release);
             match invocation {
                 Some(invocation) if invocation.busy() > 0 => {
-                    *this.draining = Some((output, Box::pin(drain(invocation, *this.cap))));
+                    *this.settling = Some((output, Box::pin(drain(invocation, *this.cap))));
                 }
                 _ => return Poll::Ready(output),
             }
         }
-        if let Some((_, wait)) = this.draining.as_mut() {
+        if let Some((_, wait)) = this.settling.as_mut() {
             ready!(wait.as_mut().poll(cx));
         }
-        match this.draining.take() {
+        match this.settling.take() {
             Some((output, _)) => Poll::Ready(output),
             None => panic!("`DrainFuture` polled after completion"),
         }
@@ -302,9 +303,6 @@ impl<F: Future> fmt::Debug for DrainFuture<F> {
             .finish_non_exhaustive()
     }
 }
-
-/// How long the drain lets cancelled callbacks stop before it returns anyway.
-const SETTLE: Duration = Duration::from_millis(20);
 
 /// Waits until no driver of the invocation is at work, or until `cap`, then cancels the rest.
 async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {

@@ -1,23 +1,19 @@
-//! [`AfterLayer`], which opens a scope for every request, and [`MaxDuration`], which sets one
-//! route's budget.
+//! [`AfterLayer`], which opens a scope for every request: the layer's settings, and its
+//! [`AfterTasks`].
 
 use std::fmt;
 use std::future::Future;
 use std::panic::Location;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Request;
 use tower_layer::Layer;
-use tower_service::Service;
 
 use tokio::sync::Semaphore;
 
-use crate::handle::{After, AfterWork};
+use crate::handle::AfterWork;
 use crate::middleware::service::AfterService;
-use crate::middleware::service::RouteBudget;
 use crate::record::snapshot::SnapshotConfig;
 use crate::request::callback::{finished, RunResult};
 use crate::request::config::Config;
@@ -25,7 +21,7 @@ use crate::request::context::AfterContext;
 use crate::tasks::AfterTasks;
 
 /// A [`Layer`] that lets every request it wraps schedule work for after its response: see
-/// [`After`].
+/// [`After`](crate::After).
 ///
 /// Put it on the outside of the router, so that every route, fallback and inner middleware is
 /// inside it:
@@ -61,7 +57,7 @@ pub struct AfterLayer {
 
 impl AfterLayer {
     /// The budget of a request's callbacks unless [`AfterLayer::max_duration`] or
-    /// [`MaxDuration`] says otherwise: 60 seconds, counted from the end of the response.
+    /// [`MaxDuration`](crate::MaxDuration) says otherwise: 60 seconds, counted from the end of the response.
     pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(60);
 
     /// How many callbacks a layer holds at most unless [`AfterLayer::max_pending`] says
@@ -80,7 +76,6 @@ impl AfterLayer {
                 ledger: Arc::default(),
                 max_duration: Self::DEFAULT_MAX_DURATION,
                 limit: None,
-                limit_size: None,
                 after_each: None,
                 max_pending: Self::DEFAULT_MAX_PENDING,
                 snapshot: SnapshotConfig::new(),
@@ -93,7 +88,7 @@ impl AfterLayer {
     /// response finished. What still runs at the deadline is cancelled (dropped at its next
     /// `.await`), with a warning naming the request.
     ///
-    /// [`Duration::MAX`] means no limit. A route can override it with [`MaxDuration`].
+    /// [`Duration::MAX`] means no limit. A route can override it with [`MaxDuration`](crate::MaxDuration).
     ///
     /// ```
     /// use std::time::Duration;
@@ -139,7 +134,6 @@ impl AfterLayer {
             "`AfterLayer::concurrency_limit(0)` would never run a callback: give at least 1"
         );
         Arc::make_mut(&mut self.config).limit = Some(Arc::new(Semaphore::new(limit)));
-        Arc::make_mut(&mut self.config).limit_size = Some(limit);
         self
     }
 
@@ -226,7 +220,7 @@ impl AfterLayer {
     /// limit](AfterLayer::concurrency_limit), or running. Beyond it, new work is refused and
     /// dropped (the oldest is kept): counted in [`AfterStats::shed`](crate::AfterStats::shed),
     /// logged at `WARN` at most once a second with the route and the count, and reported to
-    /// [`After::try_run`] callers, with the work.
+    /// [`After::try_run`](crate::After::try_run) callers, with the work.
     ///
     /// Callbacks live in memory: a burst of requests whose callbacks wait (for a slow database,
     /// for a place under the limit) must not grow the server until the kernel kills it. The
@@ -275,11 +269,11 @@ impl AfterLayer {
     /// default, `usize::MAX` for no bound.
     ///
     /// A request's snapshot counts from its first callback until its last one ended (a clone of
-    /// its [`After`] kept longer, by a task or a socket, holds no place; work registered
+    /// its [`After`](crate::After) kept longer, by a task or a socket, holds no place; work registered
     /// through it later takes one again). Beyond
     /// the bound, new work is refused like work beyond [`max_pending`](AfterLayer::max_pending):
     /// counted in [`AfterStats::shed`](crate::AfterStats::shed), logged at `WARN` once a second
-    /// with the count, and reported to [`After::try_run`] callers. With the default
+    /// with the count, and reported to [`After::try_run`](crate::After::try_run) callers. With the default
     /// snapshot cap of 16 KiB, a client sending the largest headers hyper accepts pins at most
     /// this much, whatever it sends; [`AfterStats::held_bytes`](crate::AfterStats::held_bytes)
     /// says how much is held now.
@@ -325,119 +319,17 @@ impl fmt::Debug for AfterLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AfterLayer")
             .field("max_duration", &self.config.max_duration)
-            .field("concurrency_limit", &self.config.limit_size)
+            // The places free now: all of them while no callback runs.
+            .field(
+                "concurrency_limit",
+                &(self.config.limit.as_ref()).map(|limit| limit.available_permits()),
+            )
             .field("after_each", &self.config.after_each.is_some())
             .field("max_pending", &self.config.max_pending)
             .field("snapshot", &self.config.snapshot)
             .field("max_held_bytes", &self.config.max_held_bytes)
             .field("tasks", &self.tasks())
             .finish()
-    }
-}
-
-/// A [`Layer`] that sets the budget of the after-response work of the requests it wraps,
-/// overriding the one of [`AfterLayer`]: the counterpart of Next.js's `maxDuration` route config.
-///
-/// On a single route:
-///
-/// ```
-/// use std::time::Duration;
-/// use axum::{routing::get, Router};
-/// use tower_after::{AfterLayer, MaxDuration};
-///
-/// async fn report() -> &'static str { "queued" }
-///
-/// let app: Router = Router::new()
-///     .route("/report", get(report).layer(MaxDuration::new(Duration::from_secs(120))))
-///     .layer(AfterLayer::new().max_duration(Duration::from_secs(10)));
-/// ```
-///
-/// It works on either side of `AfterLayer`: inside, it sets the budget of the request's work;
-/// outside (added after `AfterLayer`, or around the whole router), it leaves the budget in the
-/// request for `AfterLayer` to take up. The innermost `MaxDuration` a request passes wins.
-///
-/// Unlike Next.js's `maxDuration`, it bounds only the work *after* the response, not the
-/// request's own handling: for that, put a `TimeoutLayer` on the route.
-#[derive(Debug, Clone, Copy)]
-pub struct MaxDuration {
-    max_duration: Duration,
-}
-
-impl MaxDuration {
-    /// A budget of `max_duration` for each request's callbacks, counted from the end of its
-    /// response; [`Duration::MAX`] means no limit.
-    #[must_use]
-    pub fn new(max_duration: Duration) -> Self {
-        Self { max_duration }
-    }
-}
-
-impl<S> Layer<S> for MaxDuration {
-    type Service = MaxDurationService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        MaxDurationService {
-            inner,
-            max_duration: self.max_duration,
-        }
-    }
-}
-
-/// The service made by [`MaxDuration`]: it sets the budget of the request's callbacks (or, outside
-/// [`AfterLayer`], leaves it in the request for the layer), then calls the inner service.
-///
-/// tower-http names a layer `XLayer` and its service `X<S>`, and so does this crate
-/// ([`RunToEndLayer`](crate::RunToEndLayer) makes [`RunToEnd`](crate::RunToEnd)), except where
-/// `X` already names what users write: [`After`] is the handle, so [`AfterLayer`] makes
-/// [`AfterService`]; `MaxDuration` is the route setting users write, like axum's `Extension`, so
-/// its service is `MaxDurationService`.
-///
-/// ```
-/// use std::time::Duration;
-/// use tower::{service_fn, ServiceBuilder};
-/// use tower_after::{AfterLayer, MaxDuration};
-/// # use std::convert::Infallible;
-/// # use http::{Request, Response};
-///
-/// // Plain Tower: the route-level layer goes inside `AfterLayer`.
-/// let service = ServiceBuilder::new()
-///     .layer(AfterLayer::new())
-///     .layer(MaxDuration::new(Duration::from_secs(300)))
-///     .service(service_fn(|_: Request<()>| async {
-///         Ok::<_, Infallible>(Response::new(String::new()))
-///     }));
-/// # let _ = service;
-/// ```
-#[derive(Debug, Clone)]
-pub struct MaxDurationService<S> {
-    inner: S,
-    max_duration: Duration,
-}
-
-impl<S, B> Service<Request<B>> for MaxDurationService<S>
-where
-    S: Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        match request.extensions().get::<After>() {
-            // Inside `AfterLayer`: the request's budget.
-            Some(after) => after.set_budget(self.max_duration),
-            // Outside: left in the request, for `AfterLayer` to take up.
-            None => {
-                request
-                    .extensions_mut()
-                    .insert(RouteBudget(self.max_duration));
-            }
-        }
-        self.inner.call(request)
     }
 }
 

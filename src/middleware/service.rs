@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -12,6 +11,7 @@ use crate::handle::After;
 use crate::middleware::body::AfterBody;
 use crate::middleware::body::Finisher;
 use crate::middleware::future::ResponseFuture;
+use crate::middleware::max_duration::RouteBudget;
 use crate::record::outcome::Completion;
 use crate::record::snapshot::RequestSnapshot;
 use crate::request::config::Config;
@@ -112,11 +112,6 @@ where
         ResponseFuture::new(REQUEST.scope(inflight, inner), finisher)
     }
 }
-
-/// A budget that a [`MaxDuration`](crate::MaxDuration) outside the layer left in the request,
-/// taken up as the request enters the layer.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RouteBudget(pub(crate) Duration);
 
 impl<S: std::fmt::Debug> std::fmt::Debug for AfterService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

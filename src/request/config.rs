@@ -21,8 +21,6 @@ pub(crate) struct Config {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) max_duration: Duration,
     pub(crate) limit: Option<Arc<Semaphore>>,
-    /// The number of places under `limit`, for `Debug`.
-    pub(crate) limit_size: Option<usize>,
     /// Work for after every response, and where it was set: `AfterLayer::after_each`.
     pub(crate) after_each: Option<(AfterEach, &'static Location<'static>)>,
     /// How many callbacks the layer holds at most: `AfterLayer::max_pending`.

@@ -46,49 +46,19 @@ pub(crate) trait Host: Send + Sync {
     fn draining(&self) -> Option<&Draining>;
 }
 
-/// A shared host, behind a thin pointer: every request that has one holds it.
-pub(crate) type HostRef = Arc<Box<dyn Host>>;
-
-impl<H: Host> Host for Arc<H> {
-    fn after_response(&self, start: Box<dyn FnOnce() + Send>) {
-        (**self).after_response(start);
-    }
-
-    fn enter(&self) {
-        (**self).enter();
-    }
-
-    fn leave(&self) {
-        (**self).leave();
-    }
-
-    fn stop(&self) -> Option<Stop> {
-        (**self).stop()
-    }
-
-    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        (**self).stopping()
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        (**self).deadline()
-    }
-
-    fn draining(&self) -> Option<&Draining> {
-        (**self).draining()
-    }
-}
+/// A shared host: every request that has one holds it.
+pub(crate) type HostRef = Arc<dyn Host>;
 
 tokio::task_local! {
     /// The host serving the current task, if any.
-    static CURRENT: HostRef;
+    static HOST: HostRef;
 }
 
 /// The host of the request entering the layer now, if it has one. Only a platform's feature
 /// sets one: without, this costs nothing.
 pub(crate) fn current() -> Option<HostRef> {
     if cfg!(feature = "lambda") {
-        CURRENT.try_with(Arc::clone).ok()
+        HOST.try_with(Arc::clone).ok()
     } else {
         None
     }
@@ -97,11 +67,11 @@ pub(crate) fn current() -> Option<HostRef> {
 /// Calls `f` with `host` as the current host.
 #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
 pub(crate) fn sync_scope<R>(host: HostRef, f: impl FnOnce() -> R) -> R {
-    CURRENT.sync_scope(host, f)
+    HOST.sync_scope(host, f)
 }
 
 /// `future`, polled with `host` as the current host.
 #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
 pub(crate) fn scope<F: Future>(host: HostRef, future: F) -> TaskLocalFuture<HostRef, F> {
-    CURRENT.scope(host, future)
+    HOST.scope(host, future)
 }

@@ -18,6 +18,12 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+/// How long a wait whose deadline passed gives the work it stopped to say so: callbacks that were
+/// counting their own ending as a shutdown closed the layer, or that a Lambda invocation's
+/// deadline stopped. Short: it comes out of the time left (a Lambda invocation's margin is
+/// 100 ms), and work that can react does so at once.
+pub(crate) const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// A deadline for the thread: when, and whom to tell.
 struct Entry {
     at: std::time::Instant,

@@ -16,7 +16,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -337,9 +336,6 @@ impl Ledger {
         }
     }
 }
-
-/// How long a shutdown whose grace ran out waits for callbacks counting their own ending.
-pub(crate) const SETTLE: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 mod tests {

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::tasks::deadline::until;
-use crate::tasks::ledger::{Ledger, SETTLE};
+use crate::tasks::deadline::{until, SETTLE};
+use crate::tasks::ledger::Ledger;
 use crate::tasks::stats::AfterStats;
 
 /// A handle on every callback scheduled through one [`AfterLayer`](crate::AfterLayer) and its
