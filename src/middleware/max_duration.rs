@@ -64,7 +64,7 @@ impl<S> Layer<S> for MaxDuration {
 /// tower-http names a layer `XLayer` and its service `X<S>`, and so does this crate
 /// ([`RunToEndLayer`](crate::RunToEndLayer) makes [`RunToEnd`](crate::RunToEnd)), except where
 /// `X` already names what users write: [`After`] is the handle, so [`AfterLayer`](crate::AfterLayer) makes
-/// [`AfterService`]; `MaxDuration` is the route setting users write, like axum's `Extension`, so
+/// [`AfterService`](crate::AfterService); `MaxDuration` is the route setting users write, like axum's `Extension`, so
 /// its service is `MaxDurationService`.
 ///
 /// ```
