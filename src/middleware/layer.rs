@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::handle::AfterWork;
 use crate::middleware::service::AfterService;
-use crate::record::snapshot::SnapshotConfig;
+use crate::record::snapshot_config::SnapshotConfig;
 use crate::request::callback::{finished, RunResult};
 use crate::request::config::Config;
 use crate::request::context::AfterContext;

@@ -8,3 +8,4 @@
 pub(crate) mod data;
 pub(crate) mod outcome;
 pub(crate) mod snapshot;
+pub(crate) mod snapshot_config;

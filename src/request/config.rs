@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::record::snapshot::SnapshotConfig;
+use crate::record::snapshot_config::SnapshotConfig;
 use crate::request::callback::RunResult;
 use crate::request::context::AfterContext;
 use crate::tasks::ledger::Ledger;
