@@ -1,12 +1,17 @@
 //! Helpers for the unit tests: a service that records what its callbacks saw, bodies with
-//! awkward endings, log capture, and polling with a generous deadline.
+//! awkward endings; and those every test shares (`tests/support/common.rs`).
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/support/common.rs"]
+mod common;
+
+pub(crate) use common::{ask_every_subscriber, eventually, fail, settle, Logs};
 
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -63,25 +68,6 @@ where
             Ok::<_, Infallible>(respond())
         }
     }))
-}
-
-/// Polls `check` until it holds, failing after a generous deadline.
-pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Lets every ready task run a few times.
-pub(crate) async fn settle() {
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
-    }
 }
 
 /// A body that yields its chunks, then an error if asked to, then never ends if asked to.
@@ -154,73 +140,6 @@ impl Body for TestBody {
             None => SizeHint::default(),
         }
     }
-}
-
-/// Call before setting a subscriber for one test. Tracing caches, for the whole process, whether
-/// each log statement is wanted. While only one subscriber exists, it asks the default of
-/// whichever thread reaches a statement first: a test without logs, running alongside on another
-/// thread, would switch this test's statements off for good. With a second subscriber alive for
-/// good, tracing asks every subscriber, wherever it runs.
-pub(crate) fn ask_every_subscriber() {
-    static SECOND: std::sync::LazyLock<tracing::Dispatch> = std::sync::LazyLock::new(|| {
-        tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default())
-    });
-    std::sync::LazyLock::force(&SECOND);
-}
-
-/// Captures what `tracing` logs while it is alive, on this thread.
-pub(crate) struct Logs {
-    buffer: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-impl Logs {
-    pub(crate) fn capture() -> Self {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        ask_every_subscriber();
-        let guard = tracing::subscriber::set_default(subscriber);
-        Self {
-            buffer,
-            _guard: guard,
-        }
-    }
-
-    pub(crate) fn text(&self) -> String {
-        String::from_utf8_lossy(&self.buffer.lock().unwrap()).into_owned()
-    }
-
-    pub(crate) fn lines_with(&self, needle: &str) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|line| line.contains(needle))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Panics with `message`. Typed `()`, so that a callback made of it returns `()`, not `!`
-/// (which is not an `AfterOutput`).
-pub(crate) fn fail(message: &str) {
-    panic!("{message}")
 }
 
 /// Serves one request through `layer` with a handler that registers work with `register`,

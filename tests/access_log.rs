@@ -144,7 +144,7 @@ async fn the_innermost_max_duration_wins() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_crates_own_warnings_name_the_request_id_and_the_registration_site() {
-    let (logs, _guard) = support::capture_logs();
+    let logs = support::Logs::capture();
     let layer = AfterLayer::new().max_duration(Duration::from_millis(50));
     let tasks = layer.tasks();
     let app = Router::new()

@@ -146,7 +146,7 @@ fn a_recorder_that_panics_does_not_keep_the_callback_pending() {
         .unwrap();
     let recorder = Record(Counter::from_arc(Arc::new(Panics)));
     // Everything runs on this thread, whose logs this captures.
-    let (logs, _guard) = support::capture_logs();
+    let logs = support::Logs::capture();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
             let layer = AfterLayer::new();

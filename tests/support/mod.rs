@@ -1,9 +1,12 @@
 //! Shared helpers for the tests against a real server on 127.0.0.1.
 #![allow(dead_code, unreachable_pub)]
 
-use std::future::Future;
+mod common;
+
+pub use common::*;
+
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -105,69 +108,5 @@ impl Journal {
         let seen = self.for_path(path);
         assert_eq!(seen.len(), count, "callbacks for {path}: {seen:#?}");
         seen
-    }
-}
-
-/// Polls `check` until it holds, failing after a generous deadline.
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Runs `future` with a generous deadline, so a broken test fails instead of hanging.
-pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// Call before setting a subscriber for one test. Tracing caches, for the whole process, whether
-/// each log statement is wanted. While only one subscriber exists, it asks the default of
-/// whichever thread reaches a statement first: a test without logs, running alongside on another
-/// thread, would switch this test's statements off for good. With a second subscriber alive for
-/// good, tracing asks every subscriber, wherever it runs.
-pub fn ask_every_subscriber() {
-    static SECOND: LazyLock<tracing::Dispatch> =
-        LazyLock::new(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
-    LazyLock::force(&SECOND);
-}
-
-/// What a tracing subscriber writes, as text: installed for the current thread while the guard
-/// lives (use a current-thread runtime, so that the callbacks log here too).
-pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    ask_every_subscriber();
-    (logs, tracing::subscriber::set_default(subscriber))
-}
-
-/// Captured log text.
-#[derive(Clone, Default)]
-pub struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
