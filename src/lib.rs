@@ -300,10 +300,11 @@
 //! for each request whose budget cancelled callbacks and for each shutdown or Lambda invocation
 //! that did (with counts), and, at most once a second with a count, for refused work and
 //! truncated snapshots; an `ERROR` for each callback that panicked, inside its span and naming
-//! the request. Each cancelled callback's own line is at `DEBUG`, inside its span. It logs
-//! nothing at `INFO`. A filter such as `RUST_LOG=myapp=info` hides
-//! both those lines and the `after` spans: add `tower_after=info`, which keeps the spans (so your
-//! callbacks' own lines say which request they belong to) and adds no lines of its own.
+//! the request. Each cancelled callback's own line is at `DEBUG`, inside its span. At `INFO` it
+//! logs one line per process at most: on AWS Lambda, a shutdown drain that ended in time
+//! (`lambda::graceful_shutdown`) says what it drained. A filter such as `RUST_LOG=myapp=info`
+//! hides both those lines and the `after` spans: add `tower_after=info`, which keeps the spans
+//! (so your callbacks' own lines say which request they belong to) and adds no line per request.
 //!
 //! To tell two requests to the same path apart in callback logs, give requests an id and put
 //! tower-http's `SetRequestIdLayer` *outside* `AfterLayer`, so that the id is in the snapshot:
@@ -406,15 +407,8 @@
 //!
 //! ## Cloudflare Workers, and other platforms without Tokio
 //!
-//! Cloudflare Workers (workers-rs) offers the same promise as Vercel, `Context::wait_until`, but
-//! runs Rust as WebAssembly in a V8 isolate: one thread, no Tokio runtime, the isolate's own event
-//! loop. This crate does not support it. It would take an *executor hook*: today the driver task
-//! that runs a request's callbacks is spawned with `tokio::spawn`, its budget is a Tokio timer,
-//! and `run_blocking` uses Tokio's blocking pool. A hook given to `AfterLayer` would hand the
-//! driver future to the platform instead (on Workers, to `wait_until`, which keeps the isolate
-//! alive until it resolves; the future would have to do without `Send`), take a timer from the
-//! platform for budgets, and leave `run_blocking` out. The rest (the request's scope, the
-//! snapshot, when a response counts as finished) does not depend on Tokio.
+//! Not supported: callbacks run on Tokio. `ARCHITECTURE.md` in the repository says what support
+//! for a platform such as Cloudflare Workers (`Context::wait_until`) would take.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -76,7 +76,7 @@ impl Invocation {
     }
 
     /// Stops the work of its requests: its time ran out.
-    pub(crate) fn time_out(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.fire();
     }
 
@@ -159,7 +159,7 @@ impl Host for Invocation {
 
     /// A shutdown of the layer it was made for stops its work as a shutdown; its own time
     /// running out, as a timeout.
-    fn stop(&self) -> Option<Stop> {
+    fn must_stop(&self) -> Option<Stop> {
         if self.drain.shutdown().is_fired() {
             return Some(Stop::Shutdown);
         }
@@ -174,7 +174,7 @@ impl Host for Invocation {
         Some(self.drain.draining())
     }
 
-    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    fn stop_fired(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let own = self.stop.fired();
         let drain = self.drain.shutdown().fired();
         Box::pin(async move {

@@ -312,7 +312,7 @@ async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
         return;
     }
     let requests = invocation.busy();
-    invocation.time_out();
+    invocation.stop();
     tracing::warn!(
         requests,
         "after callbacks cancelled: the Lambda invocation's deadline is {:?} away",

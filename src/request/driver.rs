@@ -151,8 +151,8 @@ impl<C: Callback> Future for Driver<C> {
             }
             // Before any callback is polled: work arriving too late never starts, and a callback
             // whose timer fired as its budget or a shutdown's grace ran out does not finish late.
-            if let Some(why) = inflight.stopped() {
-                return stop(inflight, this.first, this.rest, this.done, why);
+            if let Some(why) = inflight.must_stop() {
+                return stop_all(inflight, this.first, this.rest, this.done, why);
             }
             let mut ended = false;
             if first_runs {
@@ -172,7 +172,7 @@ impl<C: Callback> Future for Driver<C> {
             }
             // Something still runs: wait for it, the budget, or a shutdown.
             return match wait(inflight, this.waits, this.arming, cx) {
-                Some(why) => stop(inflight, this.first, this.rest, this.done, why),
+                Some(why) => stop_all(inflight, this.first, this.rest, this.done, why),
                 None => Poll::Pending,
             };
         }
@@ -212,7 +212,7 @@ fn wait(
         // A host waits for its drivers (a Lambda invocation, before it takes the next event):
         // they stop at once when their own layer's grace runs out too.
         let host = inflight.host.as_ref().map(|host| {
-            let (stopping, shutdown) = (host.stopping(), inflight.ledger().shutdown().fired());
+            let (stopping, shutdown) = (host.stop_fired(), inflight.ledger().shutdown().fired());
             let either: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
                 futures_util::future::select(stopping, std::pin::pin!(shutdown)).await;
             });
@@ -220,7 +220,7 @@ fn wait(
         });
         if host.is_none() && inflight.deadline().is_none() {
             // Nothing to arm: early work before the end, or no budget.
-            return inflight.cancelled();
+            return inflight.stop_signalled();
         }
         *waits = Some(Box::pin(Waits { budget: None, host }));
     }
@@ -229,7 +229,7 @@ fn wait(
         let _ = host.as_mut().as_mut().poll(cx);
     }
     // The host's waiter was made before this check: a stop that comes after it wakes us.
-    if let Some(why) = inflight.cancelled() {
+    if let Some(why) = inflight.stop_signalled() {
         return Some(why);
     }
     // The deadline is known once the response finished; until then only early work runs.
@@ -247,7 +247,7 @@ fn wait(
 }
 
 /// Stops every callback of the request that has not ended.
-fn stop<C: Callback>(
+fn stop_all<C: Callback>(
     inflight: &Arc<Inflight>,
     mut first: Pin<&mut Option<Running<C>>>,
     rest: &mut Callbacks,

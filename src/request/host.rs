@@ -31,11 +31,11 @@ pub(crate) trait Host: Send + Sync {
     fn leave(&self);
 
     /// Why its work must stop at once, if it must.
-    fn stop(&self) -> Option<Stop>;
+    fn must_stop(&self) -> Option<Stop>;
 
-    /// Resolves whenever [`Host::stop`] may have an answer: made before asking it, it misses
+    /// Resolves whenever [`Host::must_stop`] may have an answer: made before asking it, it misses
     /// none.
-    fn stopping(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    fn stop_fired(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
     /// When it stops its requests' work, if it knows (a Lambda invocation's deadline, less its
     /// margin): what `AfterContext::deadline` and `stopping` count down to.

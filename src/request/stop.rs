@@ -76,17 +76,17 @@ impl Inflight {
     /// Why work must stop at once, if it must: a shutdown's grace ran out, or the request's
     /// host wants its work stopped. Read from flags, set before their waiters are woken, so
     /// that a driver woken by one also gets an answer here.
-    pub(super) fn cancelled(&self) -> Option<Stop> {
+    pub(super) fn stop_signalled(&self) -> Option<Stop> {
         if self.ledger().shutdown().is_fired() {
             return Some(Stop::Shutdown);
         }
-        self.host.as_ref()?.stop()
+        self.host.as_ref()?.must_stop()
     }
 
     /// Why work must stop now, if it must: a shutdown's grace, its invocation's time, or the
     /// budget, ran out.
-    pub(super) fn stopped(&self) -> Option<Stop> {
-        if let Some(why) = self.cancelled() {
+    pub(super) fn must_stop(&self) -> Option<Stop> {
+        if let Some(why) = self.stop_signalled() {
             return Some(why);
         }
         let deadline = self.deadline()?;
@@ -109,7 +109,7 @@ impl Inflight {
         let host_started = host.map(Draining::started);
         // Under way, or over with the work stopped (the layer takes no more).
         let under_way = own.is_under_way() || host.is_some_and(Draining::is_under_way);
-        if under_way || self.cancelled().is_some() {
+        if under_way || self.stop_signalled().is_some() {
             return Box::pin(std::future::ready(()));
         }
         // A tenth of the time the work had, at most `NOTICE`, before its end.
