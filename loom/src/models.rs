@@ -202,7 +202,7 @@ impl World {
             let Some(taken) = self.scope.take(&waker, first.is_none()) else {
                 break;
             };
-            let finished = taken.finished();
+            let finished = taken.response_finished();
             let overlap = self.busy.swap(true, Ordering::SeqCst);
             assert!(!overlap, "two drivers hold work at once");
             let took = taken.len();

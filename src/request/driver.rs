@@ -136,7 +136,7 @@ impl<C: Callback> Future for Driver<C> {
             };
             // The first callback waits for the end of the response, unless it is early work.
             let first_runs =
-                this.first.is_some() && (*this.start == Start::Now || taken.finished());
+                this.first.is_some() && (*this.start == Start::Now || taken.response_finished());
             for job in taken {
                 let running =
                     Running::from_job(job, inflight.context(), inflight.config.limit.as_ref());

@@ -35,15 +35,15 @@ struct State<J> {
     /// request's first callback usually rides in its driver instead ([`Scope::claim`]), so this
     /// is mostly empty, and costs no allocation then.
     queue: Vec<(J, Start)>,
-    driver: Driver,
+    driver: DriverSlot,
 }
 
-enum Driver {
+enum DriverSlot {
     /// No driver: the next work to arrive spawns one.
-    Absent,
+    Empty,
     /// A driver exists. It will take whatever is queued before it retires; when it waits, its
     /// waker is here.
-    Present(Option<Waker>),
+    Filled(Option<Waker>),
 }
 
 /// When registered work may start.
@@ -76,7 +76,7 @@ impl<J: Named> Scope<J> {
             state: Mutex::new(State {
                 finished: false,
                 queue: Vec::new(),
-                driver: Driver::Absent,
+                driver: DriverSlot::Empty,
             }),
         }
     }
@@ -92,15 +92,15 @@ impl<J: Named> Scope<J> {
     /// Makes the caller the request's driver if it has none, so that it spawns one that carries
     /// its job itself, instead of queueing it: `true` if so. The new driver takes queued work
     /// like any other, and must hold a job meant for after the response until
-    /// [`Taken::finished`] says so.
+    /// [`Taken::response_finished`] says so.
     ///
     /// Only with nothing queued: a driver starts what it carries before what it takes, so
     /// carrying a job behind queued ones would start it out of registration order.
     pub(crate) fn claim(&self) -> bool {
         let mut state = self.state();
-        let claimed = matches!(state.driver, Driver::Absent) && state.queue.is_empty();
+        let claimed = matches!(state.driver, DriverSlot::Empty) && state.queue.is_empty();
         if claimed {
-            state.driver = Driver::Present(None);
+            state.driver = DriverSlot::Filled(None);
         }
         claimed
     }
@@ -140,7 +140,7 @@ impl<J: Named> Scope<J> {
             state.queue.insert(0, (first, Start::AfterResponse));
         }
         match state.driver {
-            Driver::Absent if state.queue.is_empty() => Next::Done,
+            DriverSlot::Empty if state.queue.is_empty() => Next::Done,
             _ => state.call_driver(),
         }
     }
@@ -152,12 +152,12 @@ impl<J: Named> Scope<J> {
         let mut state = self.state();
         let taken = state.take_ready();
         if idle && taken.jobs.is_empty() {
-            state.driver = Driver::Absent;
+            state.driver = DriverSlot::Empty;
             return None;
         }
         match &mut state.driver {
-            Driver::Present(Some(current)) if current.will_wake(waker) => {}
-            driver => *driver = Driver::Present(Some(waker.clone())),
+            DriverSlot::Filled(Some(current)) if current.will_wake(waker) => {}
+            driver => *driver = DriverSlot::Filled(Some(waker.clone())),
         }
         Some(taken)
     }
@@ -166,14 +166,14 @@ impl<J: Named> Scope<J> {
     /// waits. Work registered later starts a new driver, which makes it not done again.
     pub(crate) fn is_done(&self) -> bool {
         let state = self.state();
-        state.finished && matches!(state.driver, Driver::Absent) && state.queue.is_empty()
+        state.finished && matches!(state.driver, DriverSlot::Empty) && state.queue.is_empty()
     }
 
     /// For a driver that stops before its work is done (cancelled): everything it could still
     /// take, and its retirement, so that work arriving later spawns a new driver.
     pub(crate) fn abandon(&self) -> Taken<J> {
         let mut state = self.state();
-        state.driver = Driver::Absent;
+        state.driver = DriverSlot::Empty;
         state.take_ready()
     }
 }
@@ -205,11 +205,11 @@ impl<J: Named> State<J> {
     /// There is work for a driver: spawn one, or wake the one that waits.
     fn call_driver(&mut self) -> Next {
         match &mut self.driver {
-            Driver::Absent => {
-                self.driver = Driver::Present(None);
+            DriverSlot::Empty => {
+                self.driver = DriverSlot::Filled(None);
                 Next::Spawn
             }
-            Driver::Present(waker) => waker.take().map_or(Next::Nothing, Next::Wake),
+            DriverSlot::Filled(waker) => waker.take().map_or(Next::Nothing, Next::Wake),
         }
     }
 }
@@ -226,7 +226,7 @@ impl<J> Taken<J> {
     }
 
     /// Whether the response had finished: work held for after it may start.
-    pub(crate) fn finished(&self) -> bool {
+    pub(crate) fn response_finished(&self) -> bool {
         self.finished
     }
 }
