@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
-use crate::request::host::{self, Host, HostRef};
+use crate::request::host::{Host, HostRef, HOST};
 use crate::request::stop::Stop;
 use crate::tasks::ledger::Ledger;
 use crate::tasks::signals::{Draining, StopSignal};
@@ -109,16 +109,12 @@ impl Hold {
 
     /// Calls `f` with the invocation as the current host.
     pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        host::sync_scope(self.host(), f)
+        HOST.sync_scope(self.0.clone(), f)
     }
 
     /// `future`, polled with the invocation as the current host.
     pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<HostRef, F> {
-        host::scope(self.host(), future)
-    }
-
-    fn host(&self) -> HostRef {
-        self.0.clone()
+        HOST.scope(self.0.clone(), future)
     }
 
     /// Starts the work held back: the invocation's response is posted.

@@ -13,7 +13,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
 use crate::request::stop::Stop;
@@ -50,8 +49,9 @@ pub(crate) trait Host: Send + Sync {
 pub(crate) type HostRef = Arc<dyn Host>;
 
 tokio::task_local! {
-    /// The host serving the current task, if any.
-    static HOST: HostRef;
+    /// The host serving the current task, if any: set by the platform's layer around the code
+    /// that serves an invocation.
+    pub(crate) static HOST: HostRef;
 }
 
 /// The host of the request entering the layer now, if it has one. Only a platform's feature
@@ -62,16 +62,4 @@ pub(crate) fn current() -> Option<HostRef> {
     } else {
         None
     }
-}
-
-/// Calls `f` with `host` as the current host.
-#[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-pub(crate) fn sync_scope<R>(host: HostRef, f: impl FnOnce() -> R) -> R {
-    HOST.sync_scope(host, f)
-}
-
-/// `future`, polled with `host` as the current host.
-#[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-pub(crate) fn scope<F: Future>(host: HostRef, future: F) -> TaskLocalFuture<HostRef, F> {
-    HOST.scope(host, future)
 }
