@@ -51,7 +51,7 @@ pub(crate) struct Ledger {
     refusals: Warnings,
     /// Truncated snapshots, likewise.
     truncations: Warnings,
-    /// Panics of the metrics recorder while it counted an ending, likewise.
+    /// Panics of the metrics recorder, likewise.
     #[cfg(feature = "metrics")]
     recorder_panics: Warnings,
     /// Bytes of request snapshots that pending work holds.
@@ -112,8 +112,10 @@ impl Ledger {
                 self.totals.shed.fetch_add(1, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
                 {
-                    metrics::counter!(names::SCHEDULED).increment(1);
-                    metrics::counter!(names::SHED).increment(1);
+                    let scheduled =
+                        self.publish(|| metrics::counter!(names::SCHEDULED).increment(1));
+                    let shed = self.publish(|| metrics::counter!(names::SHED).increment(1));
+                    recorder_panicked(scheduled.or(shed));
                 }
                 let warn = self.refusals.event();
                 return Err(Refused {
@@ -122,12 +124,13 @@ impl Ledger {
                 });
             }
         }
-        #[cfg(feature = "metrics")]
-        metrics::counter!(names::SCHEDULED).increment(1);
-        Ok(Ticket {
+        let ticket = Ticket {
             ledger: self.clone(),
             open: true,
-        })
+        };
+        #[cfg(feature = "metrics")]
+        recorder_panicked(self.publish(|| metrics::counter!(names::SCHEDULED).increment(1)));
+        Ok(ticket)
     }
 
     /// Accounts for the end of a pending callback: its totals first (ours and the published
@@ -136,34 +139,44 @@ impl Ledger {
     /// a moment.
     fn ended(&self, how: Ended) {
         #[cfg(feature = "metrics")]
-        let mut recorder_panicked = false;
+        let mut warn = None;
         let left = self.pending.end(|| {
             self.totals.of(how).fetch_add(1, Ordering::Relaxed);
-            // The recorder is user code: a panic in it must not keep the callback pending.
             #[cfg(feature = "metrics")]
-            if let Err(panic) = std::panic::catch_unwind(|| {
-                metrics::counter!(names::ended(how)).increment(1);
-            }) {
-                drop_caught(panic);
-                recorder_panicked = true;
+            {
+                warn = self.publish(|| metrics::counter!(names::ended(how)).increment(1));
             }
         });
-        // Said once the callback left the pending count: a subscriber is user code too.
-        #[cfg(feature = "metrics")]
-        if let Some(count) = recorder_panicked
-            .then(|| self.recorder_panics.event())
-            .flatten()
-        {
-            tracing::error!(
-                panicked = count,
-                "the metrics recorder panicked counting an ended after callback (the callback is \
-                 counted in `AfterTasks::stats` all the same; fix the recorder)"
-            );
-        }
         // `None`: written off, the shutdown counted it as cancelled already.
         if left == Some(0) {
             self.wake_idle();
         }
+        // Said once the callback left the pending count: a subscriber is user code too.
+        #[cfg(feature = "metrics")]
+        recorder_panicked(warn);
+    }
+
+    /// Publishes through the metrics recorder, the only way the ledger calls it: the recorder
+    /// is user code, at every call, and a panic in it must not cost a request, a callback or a
+    /// pending place, nor abort the process (a gauge is published from `Drop`, maybe while
+    /// unwinding). The panic is caught and counted; `Some(panics since the last warning)` when
+    /// a warning is due now, for [`recorder_panicked`] to give once the caller's accounting is
+    /// done. Costs nothing more than the call when the recorder does not panic.
+    #[cfg(feature = "metrics")]
+    fn publish(&self, publish: impl FnOnce()) -> Option<u64> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(publish)) {
+            Ok(()) => None,
+            Err(panic) => self.recorder_caught(panic),
+        }
+    }
+
+    /// Drops a panic of the recorder, and counts it.
+    #[cfg(feature = "metrics")]
+    #[cold]
+    #[inline(never)]
+    fn recorder_caught(&self, panic: Box<dyn std::any::Any + Send>) -> Option<u64> {
+        drop_caught(panic);
+        self.recorder_panics.event()
     }
 
     /// Wakes the callers of `idle()`, if there are any. After the pending count reached zero:
@@ -204,7 +217,7 @@ impl Ledger {
     pub(crate) fn truncated(&self) -> Option<u64> {
         self.totals.truncated.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!(names::TRUNCATED).increment(1);
+        recorder_panicked(self.publish(|| metrics::counter!(names::TRUNCATED).increment(1)));
         self.truncations.event()
     }
 
@@ -234,12 +247,14 @@ impl Ledger {
                 Gauge::Running => names::RUNNING,
                 Gauge::Queued => names::QUEUED,
             };
-            let gauge = metrics::gauge!(name);
-            if up {
-                gauge.increment(1.0);
-            } else {
-                gauge.decrement(1.0);
-            }
+            recorder_panicked(self.publish(|| {
+                let gauge = metrics::gauge!(name);
+                if up {
+                    gauge.increment(1.0);
+                } else {
+                    gauge.decrement(1.0);
+                }
+            }));
         }
     }
 
@@ -299,11 +314,16 @@ impl Ledger {
             .written_off
             .fetch_add(written_off, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!(names::ended(Ended::Cancelled)).increment(written_off);
+        let warn = self.publish(|| {
+            metrics::counter!(names::ended(Ended::Cancelled)).increment(written_off);
+        });
         self.shutdown.fire();
         if self.pending.get() == 0 {
             self.wake_idle();
         }
+        // Said once the drivers were told to stop: a subscriber is user code too.
+        #[cfg(feature = "metrics")]
+        recorder_panicked(warn);
         written_off
     }
 
@@ -334,6 +354,19 @@ impl Ledger {
             }
             notified.await;
         }
+    }
+}
+
+/// Says that the metrics recorder panicked, `count` times since the last warning, if a warning
+/// is due (see [`Ledger::publish`]).
+#[cfg(feature = "metrics")]
+fn recorder_panicked(count: Option<u64>) {
+    if let Some(count) = count {
+        tracing::error!(
+            panicked = count,
+            "the metrics recorder panicked (caught: `AfterTasks::stats` counts right all the \
+             same, and no work was lost; fix the recorder)"
+        );
     }
 }
 
