@@ -55,6 +55,7 @@ pub struct AfterLayer {
     config: Arc<Config>,
 }
 
+/// Making a layer: the budget, the concurrency limit and the hook for every response.
 impl AfterLayer {
     /// The budget of a request's callbacks unless [`AfterLayer::max_duration`] or
     /// [`MaxDuration`](crate::MaxDuration) says otherwise: 60 seconds, counted from the end of the response.
@@ -214,7 +215,10 @@ impl AfterLayer {
         Arc::make_mut(&mut self.config).after_each = Some((Arc::new(hook), Location::caller()));
         self
     }
+}
 
+/// Bounds on what pending work holds, and the handle on it.
+impl AfterLayer {
     /// Sets how many callbacks this layer (and its clones) holds at most: waiting for their
     /// response to end, waiting for a place under the [concurrency
     /// limit](AfterLayer::concurrency_limit), or running. Beyond it, new work is refused and

@@ -84,6 +84,7 @@ const LENGTHS: usize = 8;
 /// The longest method `http` stores inline; longer ones are on the heap.
 const INLINE_METHOD: usize = 15;
 
+/// Taking the copy, and what it costs.
 impl RequestSnapshot {
     pub(crate) fn new<B>(request: &Request<B>, config: &SnapshotConfig) -> Self {
         let headers = request.headers();
@@ -214,7 +215,10 @@ impl RequestSnapshot {
     pub(crate) fn held_bytes(&self) -> usize {
         SNAPSHOT_SIZE + self.raw.len() + method_heap(&self.method)
     }
+}
 
+/// What callbacks read.
+impl RequestSnapshot {
     /// The request method.
     #[must_use]
     pub fn method(&self) -> &Method {
