@@ -7,8 +7,7 @@
 //! `poll`), and sleeps until the nearest deadline; a wait hands it a deadline and a channel to
 //! fire, and takes it back by dropping the receiver.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -25,30 +24,7 @@ use tokio::time::Instant;
 pub(crate) const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A deadline for the thread: when, and whom to tell.
-struct Entry {
-    at: std::time::Instant,
-    fire: oneshot::Sender<()>,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at
-    }
-}
-
-impl Eq for Entry {}
-
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.at.cmp(&other.at)
-    }
-}
+type Entry = (std::time::Instant, oneshot::Sender<()>);
 
 /// The thread's inbox; `None` if it could not be started (Tokio's timer alone keeps deadlines).
 static BACKSTOP: OnceLock<Option<mpsc::Sender<Entry>>> = OnceLock::new();
@@ -68,30 +44,28 @@ pub(crate) fn start() {
 
 /// The thread: fires each deadline as it comes, until the process ends.
 fn keep(inbox: &mpsc::Receiver<Entry>) {
-    let mut waiting: BinaryHeap<Reverse<Entry>> = BinaryHeap::new();
-    loop {
-        let next = waiting.peek().map(|Reverse(entry)| entry.at);
+    // By deadline, then by arrival, which tells equal deadlines apart.
+    let mut waiting: BTreeMap<(std::time::Instant, u64), oneshot::Sender<()>> = BTreeMap::new();
+    for arrival in 0_u64.. {
+        let next = waiting.first_key_value().map(|(&(at, _), _)| at);
         let received = match next {
             None => inbox.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some(at) => inbox.recv_timeout(at.saturating_duration_since(std::time::Instant::now())),
         };
         match received {
-            Ok(entry) => {
-                // Waits that ended early leave their entries: drop them while the heap is
-                // rebuilt anyway.
+            Ok((at, fire)) => {
+                // Waits that ended early leave their entries: drop them now and then.
                 if waiting.len() >= 64 && waiting.len().is_power_of_two() {
-                    waiting.retain(|Reverse(entry)| !entry.fire.is_closed());
+                    waiting.retain(|_, fire| !fire.is_closed());
                 }
-                waiting.push(Reverse(entry));
+                waiting.insert((at, arrival), fire);
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let now = std::time::Instant::now();
-        while waiting.peek().is_some_and(|Reverse(entry)| entry.at <= now) {
-            if let Some(Reverse(entry)) = waiting.pop() {
-                let _ = entry.fire.send(());
-            }
+        while let Some(entry) = waiting.first_entry().filter(|entry| entry.key().0 <= now) {
+            let _ = entry.remove().send(());
         }
     }
 }
@@ -100,11 +74,7 @@ fn keep(inbox: &mpsc::Receiver<Entry>) {
 fn arm(deadline: Instant) -> Option<oneshot::Receiver<()>> {
     let inbox = BACKSTOP.get_or_init(|| None).as_ref()?;
     let (fire, fired) = oneshot::channel();
-    let entry = Entry {
-        at: deadline.into_std(),
-        fire,
-    };
-    inbox.send(entry).ok().map(|()| fired)
+    inbox.send((deadline.into_std(), fire)).ok().map(|()| fired)
 }
 
 /// Awaits `future` until `deadline` (`None`: no deadline); `None` if the deadline came first.
