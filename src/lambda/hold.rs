@@ -60,6 +60,9 @@ impl Invocation {
 
     /// How many drivers of its requests are at work.
     pub(crate) fn busy(&self) -> usize {
+        // SeqCst, as every access to the count: `settled` creates its `Notified`, then reads
+        // this; a leaving driver decrements, then notifies. In one total order, either the read
+        // sees zero or the notification finds the waiter.
         self.drivers.load(Ordering::SeqCst)
     }
 
@@ -144,10 +147,12 @@ impl Host for Invocation {
     }
 
     fn enter(&self) {
+        // SeqCst, as every access to the count (see `busy`).
         self.drivers.fetch_add(1, Ordering::SeqCst);
     }
 
     fn leave(&self) {
+        // SeqCst, as every access to the count (see `busy`).
         if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.settled.notify_waiters();
         }

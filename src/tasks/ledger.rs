@@ -97,10 +97,13 @@ impl Ledger {
     /// was shut down, it is refused and not counted.
     pub(crate) fn ticket(self: &Arc<Self>, bound: usize) -> Result<Ticket, Refused> {
         // Counted before it is pending, so that no reader sees it end before it was scheduled.
+        // Relaxed: the Release of `Pending::register`'s compare-and-swap publishes it with the
+        // pending place; a reader of the stats alone sees each total exact on its own.
         self.totals.scheduled.fetch_add(1, Ordering::Relaxed);
         match self.pending.register(bound) {
             Ok(()) => {}
             Err(Full::Closed) => {
+                // Relaxed: a plain correction of the total; nothing else depends on it.
                 self.totals.scheduled.fetch_sub(1, Ordering::Relaxed);
                 let warn = self.refusals.event();
                 return Err(Refused {
@@ -109,6 +112,8 @@ impl Ledger {
                 });
             }
             Err(Full::Bound) => {
+                // Relaxed: a refused callback never was pending, so no reader of the pending
+                // count waits for this total; it is exact on its own.
                 self.totals.shed.fetch_add(1, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
                 {
@@ -141,6 +146,8 @@ impl Ledger {
         #[cfg(feature = "metrics")]
         let mut warn = None;
         let left = self.pending.end(|| {
+            // Relaxed: `Pending::end` releases it with the pending place it gives back, and
+            // whoever sees the count at zero (`idle`) acquires it there.
             self.totals.of(how).fetch_add(1, Ordering::Relaxed);
             #[cfg(feature = "metrics")]
             {
@@ -182,6 +189,9 @@ impl Ledger {
     /// Wakes the callers of `idle()`, if there are any. After the pending count reached zero:
     /// they count themselves before they read it, so one of the two sees the other.
     fn wake_idle(&self) {
+        // SeqCst, as the waiters' count in `idle`: a store-load handshake on two locations (the
+        // pending count and this one), which only a single total order makes one side see the
+        // other.
         if self.idle_waiters.load(Ordering::SeqCst) > 0 {
             self.idle.notify_waiters();
         }
@@ -190,6 +200,8 @@ impl Ledger {
     /// Counts `bytes` of a snapshot that pending work now holds, unless the layer would hold
     /// more than `max` (the caller then sheds its work).
     pub(crate) fn hold_bytes(&self, bytes: usize, max: usize) -> Result<(), Refused> {
+        // Relaxed here and in the compare-and-swap: the bytes are a bound, not a guard of other
+        // memory, and read-modify-writes of one atomic are totally ordered, so the bound holds.
         let mut held = self.held_bytes.load(Ordering::Relaxed);
         loop {
             let total = held.saturating_add(bytes);
@@ -215,6 +227,7 @@ impl Ledger {
     /// Counts a snapshot cut by its cap; `Some(cut since the last warning)` when a warning is
     /// due now.
     pub(crate) fn truncated(&self) -> Option<u64> {
+        // Relaxed: a total read on its own; no callback's ending depends on it.
         self.totals.truncated.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         recorder_panicked(self.publish(|| metrics::counter!(names::TRUNCATED).increment(1)));
@@ -228,6 +241,7 @@ impl Ledger {
 
     /// Bytes of request snapshots that pending work holds now.
     pub(crate) fn held_bytes(&self) -> usize {
+        // Relaxed: a reading of the gauge, exact on its own.
         self.held_bytes.load(Ordering::Relaxed)
     }
 
@@ -236,6 +250,8 @@ impl Ledger {
             Gauge::Running => &self.totals.running,
             Gauge::Queued => &self.totals.queued,
         };
+        // Relaxed: a callback leaves its gauge before its ticket closes (`Running`), so the
+        // Release of `Pending::end` publishes the decrement to whoever sees nothing pending.
         if up {
             value.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -279,6 +295,8 @@ impl Ledger {
 
     pub(crate) fn stats(&self) -> AfterStats {
         let totals = &self.totals;
+        // Relaxed: each total is exact on its own; they agree with each other once a reader has
+        // acquired a pending count of zero (`idle`), which orders every ending before it.
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         AfterStats {
             scheduled: load(&totals.scheduled),
@@ -302,6 +320,7 @@ impl Ledger {
         let mut stats = self.stats();
         // Not `stats.cancelled - written_off`: a write-off landing between two reads of it
         // would underflow.
+        // Relaxed, as in `stats`.
         stats.cancelled = self.totals.cancelled.load(Ordering::Relaxed);
         stats
     }
@@ -310,6 +329,8 @@ impl Ledger {
     /// to stop. Returns how many it wrote off: none if the layer was closed already.
     pub(crate) fn write_off(&self) -> u64 {
         let written_off = self.pending.close();
+        // Relaxed: read by the drain that wrote them off, on this thread, and by `stats` as a
+        // total exact on its own.
         self.totals
             .written_off
             .fetch_add(written_off, Ordering::Relaxed);
@@ -334,6 +355,7 @@ impl Ledger {
 
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
+                // SeqCst, as every access to the waiters' count (see `wake_idle`).
                 self.0.idle_waiters.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -346,6 +368,8 @@ impl Ledger {
             // reads the waiters: one of the two sees the other.
             let notified = self.idle.notified();
             if waiting.is_none() {
+                // SeqCst: counted before the pending count is read below, in the single total
+                // order that `wake_idle`'s load shares (see there).
                 self.idle_waiters.fetch_add(1, Ordering::SeqCst);
                 waiting = Some(Waiting(self));
             }
