@@ -5,7 +5,7 @@
 //! and forgets work, the response's future or body finishes the request, and at most one driver
 //! task takes the work and runs it. Every method takes the lock once, changes the state, and
 //! returns what the caller must do next ([`Next`]): spawn a driver, wake the one that waits, or
-//! nothing. Acting on that (spawning, waking) happens outside the lock, in `driver.rs`.
+//! nothing. Acting on that (spawning, waking) happens outside the lock, in `hand_over.rs`.
 //!
 //! It knows nothing of Tokio, tracing or what a job is, so that it can be read on its own and
 //! checked with `loom` (see `loom/` in the repository), which explores every interleaving of those parties.
