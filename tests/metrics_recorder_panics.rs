@@ -215,7 +215,7 @@ async fn every_kind_of_work_runs_and_is_counted_when_every_recorder_call_panics(
 async fn a_panicking_callback_and_one_cut_by_its_budget_are_counted() {
     install();
     let layer = AfterLayer::new()
-        .max_duration(Duration::from_millis(200))
+        .max_duration(Duration::from_secs(1))
         .concurrency_limit(8);
     let tasks = layer.tasks();
     let app = Router::new()
@@ -360,7 +360,7 @@ fn a_gauge_that_panics_as_callbacks_start_and_end_does_not_abort() {
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
             let layer = AfterLayer::new()
-                .max_duration(Duration::from_millis(200))
+                .max_duration(Duration::from_secs(1))
                 .concurrency_limit(1);
             let tasks = layer.tasks();
             let service = layer.layer(tower::service_fn(|request: Request<()>| {

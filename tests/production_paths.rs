@@ -5,6 +5,8 @@
 //! Each test bounds a wait the crate promises (a shutdown's grace), so it measures elapsed time,
 //! with a margin far above any scheduling noise: the callbacks involved block for seconds.
 
+mod support;
+
 use std::convert::Infallible;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -605,4 +607,107 @@ async fn a_kept_handle_does_not_keep_the_snapshot_counted_once_the_work_ended() 
         })
         .await;
     }
+}
+
+/// `idle()` promises every gauge back at zero when it resolves, and so does a drain that ended
+/// in time: `held_bytes` too, though a request's snapshot is let go as its driver retires, after
+/// its last callback left the pending count. Many requests at once through a real server, each
+/// with a callback, some with early work too, on two workers: right after `idle()`, a driver
+/// still retiring held its snapshot.
+#[cfg(feature = "axum")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_a_drain_in_time_leave_every_gauge_at_zero() {
+    const ROUNDS: usize = 150;
+    const REQUESTS: usize = 16;
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(|later: After| async move {
+                later.run(tokio::task::yield_now());
+                "ok"
+            }),
+        )
+        .route(
+            "/early",
+            axum::routing::get(|later: After| async move {
+                later.wait_until(tokio::task::yield_now());
+                later.run(async {});
+                "ok"
+            }),
+        )
+        .layer(layer);
+    let address = support::serve(app).await;
+    let client = support::client();
+    let batch = || async {
+        let mut requests = tokio::task::JoinSet::new();
+        for request in 0..REQUESTS {
+            let path = if request % 3 == 0 { "/early" } else { "/" };
+            let uri = format!("http://{address}{path}").parse().unwrap();
+            let client = client.clone();
+            requests.spawn(async move {
+                let response = client.get(uri).await.unwrap();
+                assert_eq!(response.status(), 200);
+                response.into_body().collect().await.unwrap();
+            });
+        }
+        while let Some(request) = requests.join_next().await {
+            request.unwrap();
+        }
+    };
+    let gauges = |tasks: &AfterTasks| {
+        let stats = tasks.stats();
+        ((stats.held_bytes(), stats.running(), stats.queued()), stats)
+    };
+    let begun = Instant::now();
+    for round in 0..ROUNDS {
+        batch().await;
+        wait_idle(&tasks).await;
+        let (gauges, stats) = gauges(&tasks);
+        assert_eq!(gauges, (0, 0, 0), "round {round}, after idle(): {stats:?}");
+        // Bounded in time on a slow machine: enough rounds to catch it, not all of them.
+        if begun.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    for round in 0..20 {
+        batch().await;
+        let report = tasks.shutdown(Duration::from_secs(20)).await;
+        assert_eq!(report.cancelled(), 0, "{report:?}");
+        let (gauges, stats) = gauges(&tasks);
+        assert_eq!(gauges, (0, 0, 0), "round {round}, after a drain: {stats:?}");
+    }
+}
+
+/// `idle()` waits for the held bytes too, but not for a response still being sent whose work is
+/// over: early work that ended, and a named callback forgotten before the end, let go of the
+/// snapshot at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_does_not_wait_for_a_response_still_streaming_whose_work_is_over() {
+    let layer = AfterLayer::new();
+    let tasks = layer.tasks();
+    let service = layer.layer(tower::service_fn(|request: Request<()>| {
+        let after = request.extensions().get::<After>().unwrap().clone();
+        async move {
+            after.wait_until(tokio::task::yield_now());
+            after.run_named("audit", |_| async {});
+            assert!(after.forget("audit"));
+            // A stream that is still being sent.
+            let stream =
+                futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
+            Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(stream)))
+        }
+    }));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    wait_idle(&tasks).await;
+    let stats = tasks.stats();
+    assert_eq!(
+        (stats.completed(), stats.forgotten(), stats.held_bytes()),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+    drop(response);
+    wait_idle(&tasks).await;
+    assert_eq!(tasks.stats().held_bytes(), 0);
 }

@@ -26,14 +26,28 @@ impl Inflight {
         self.ticket(name, bound)
     }
 
-    /// Lets go of what the request held for its work if that work is done: after a driver
-    /// retired, work was abandoned, or the handler left a value too late. The scope says, since
-    /// the response may have finished without its work being handed over yet (on Lambda, until
-    /// the invocation's response is posted), or new work may have been queued meanwhile.
+    /// Lets go of what the request held for its work, as far as that work is over: after a
+    /// driver retired, work was abandoned or forgotten, or the handler left a value too late.
+    /// The scope says, since the response may have finished without its work being handed over
+    /// yet (on Lambda, until the invocation's response is posted), or new work may have been
+    /// queued meanwhile. With nothing running or waiting, the snapshot's place in the held bytes
+    /// goes at once, even before the response finished (early work that ended): `idle()` waits
+    /// for the held bytes too. What the handler left goes once the response finished as well:
+    /// callbacks registered until then may read it.
     pub(crate) fn let_go_if_done(&self) {
         // The flags first: a request that holds neither needs no lock.
-        if (self.terms.is_held() || self.data.is_used()) && self.scope.is_done() {
-            self.let_go();
+        let (held, used) = (self.terms.is_held(), self.data.is_used());
+        if !(held || used) {
+            return;
+        }
+        let Some(finished) = self.scope.at_rest() else {
+            return;
+        };
+        if held {
+            self.release_bytes();
+        }
+        if finished && used {
+            self.data.clear();
         }
     }
 

@@ -78,6 +78,8 @@ impl Inflight {
         let found = forgotten.is_some();
         if let Some(job) = forgotten {
             job.end(Ended::Forgotten, &self.snapshot);
+            // It may have been the request's only work.
+            self.let_go_if_done();
         }
         found
     }

@@ -162,11 +162,13 @@ impl<J: Named> Scope<J> {
         Some(taken)
     }
 
-    /// Whether the request's work is done: its response finished, and no driver runs or work
-    /// waits. Work registered later starts a new driver, which makes it not done again.
-    pub(crate) fn is_done(&self) -> bool {
+    /// Whether the request's work is at rest, no driver running and no work waiting, and if so
+    /// whether its response finished too (`Some(true)`): its work is then done. Work registered
+    /// later starts a new driver, which makes it busy again.
+    pub(crate) fn at_rest(&self) -> Option<bool> {
         let state = self.state();
-        state.finished && matches!(state.driver, DriverSlot::Empty) && state.queue.is_empty()
+        let at_rest = matches!(state.driver, DriverSlot::Empty) && state.queue.is_empty();
+        at_rest.then_some(state.finished)
     }
 
     /// For a driver that stops before its work is done (cancelled): everything it could still

@@ -35,9 +35,10 @@ use crate::unwind::drop_caught;
 pub(crate) struct Ledger {
     pending: Pending,
     totals: Totals,
-    /// Callers of `idle()` that wait: reaching zero wakes them, and costs nothing without.
+    /// Callers of `idle()` that wait: reaching zero (pending callbacks, held bytes) wakes them,
+    /// and costs nothing without.
     idle_waiters: AtomicUsize,
-    /// Woken whenever nothing is pending any more and someone waits.
+    /// Woken whenever nothing is pending or no bytes are held any more, and someone waits.
     idle: Notify,
     /// Fired once a shutdown's grace ran out: every driver stops its work.
     shutdown: StopSignal,
@@ -186,8 +187,9 @@ impl Ledger {
         self.recorder_panics.event()
     }
 
-    /// Wakes the callers of `idle()`, if there are any. After the pending count reached zero:
-    /// they count themselves before they read it, so one of the two sees the other.
+    /// Wakes the callers of `idle()`, if there are any. After the pending count, or the held
+    /// bytes, reached zero: they count themselves before they read both, so one of the two sees
+    /// the other.
     fn wake_idle(&self) {
         // SeqCst, as the waiters' count in `idle`: a store-load handshake on two locations (the
         // pending count and this one), which only a single total order makes one side see the
@@ -234,9 +236,15 @@ impl Ledger {
         self.truncations.event()
     }
 
-    /// The snapshot's bytes are no longer held.
+    /// The snapshot's bytes are no longer held. The last ones wake the callers of `idle()`,
+    /// which waits for them too: a request lets go of its snapshot as its driver retires, after
+    /// its last callback left the pending count.
     pub(crate) fn release_bytes(&self, bytes: usize) {
-        self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        // SeqCst: the drop to zero is the store of a store-load handshake with `idle` (its
+        // waiters' count, then `is_idle`), which only a single total order makes one side see.
+        if self.held_bytes.fetch_sub(bytes, Ordering::SeqCst) == bytes {
+            self.wake_idle();
+        }
     }
 
     /// Bytes of request snapshots that pending work holds now.
@@ -348,7 +356,16 @@ impl Ledger {
         written_off
     }
 
-    /// Resolves as soon as nothing is pending.
+    /// Whether nothing is pending, and no snapshot held: the gauges are at zero. Held bytes are
+    /// not waited for once a shutdown wrote work off: a written-off callback that is still alive
+    /// holds its snapshot until it is dropped, maybe never.
+    fn is_idle(&self) -> bool {
+        // SeqCst: the load side of the handshake with `release_bytes` (see there).
+        self.pending.get() == 0
+            && (self.held_bytes.load(Ordering::SeqCst) == 0 || self.pending.is_closed())
+    }
+
+    /// Resolves as soon as nothing is pending, and no snapshot held (see [`Ledger::is_idle`]).
     pub(crate) async fn idle(&self) {
         /// Counts its caller among the waiters while it lives, however the wait ends.
         struct Waiting<'a>(&'a Ledger);
@@ -364,8 +381,9 @@ impl Ledger {
         loop {
             // A `Notified` hears every `notify_waiters` from its creation on, even before it is
             // polled: created before the check, it cannot miss the drop to zero. The waiter is
-            // counted before the check, and the last callback to end counts its end before it
-            // reads the waiters: one of the two sees the other.
+            // counted before the check, and the last callback to end counts its end (the last
+            // snapshot let go, its release) before it reads the waiters: one of the two sees the
+            // other.
             let notified = self.idle.notified();
             if waiting.is_none() {
                 // SeqCst: counted before the pending count is read below, in the single total
@@ -373,7 +391,7 @@ impl Ledger {
                 self.idle_waiters.fetch_add(1, Ordering::SeqCst);
                 waiting = Some(Waiting(self));
             }
-            if self.pending() == 0 {
+            if self.is_idle() {
                 return;
             }
             notified.await;

@@ -97,11 +97,11 @@ impl AfterTasks {
     /// Resolves as soon as nothing is pending: every callback registered so far has ended.
     ///
     /// When it resolves, every total of [`AfterTasks::stats`] already counts what ended, and the
-    /// gauges are back at zero. One exception, after a shutdown's grace ran out: the callbacks it
-    /// wrote off (reported as cancelled) are no longer pending, but one that is still alive (it
-    /// blocks inside its poll, or waits for something that has not woken it yet) stays in the
-    /// `running` or `queued` gauge, and its snapshot in the held bytes, until it is dropped:
-    /// when next woken, or with the runtime.
+    /// gauges (`running`, `queued` and `held_bytes`) are back at zero. One exception, after a
+    /// shutdown's grace ran out: the callbacks it wrote off (reported as cancelled) are no longer
+    /// pending, but one that is still alive (it blocks inside its poll, or waits for something
+    /// that has not woken it yet) stays in the `running` or `queued` gauge, and its snapshot in
+    /// the held bytes, until it is dropped: when next woken, or with the runtime.
     ///
     /// Unlike [`AfterTasks::shutdown`] it cancels nothing and leaves the layer as it was, so it
     /// can be awaited again and again: in tests, or before a process that is about to be frozen

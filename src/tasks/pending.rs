@@ -107,4 +107,10 @@ impl Pending {
     pub(crate) fn get(&self) -> u64 {
         self.state.load(Ordering::SeqCst) & PENDING
     }
+
+    /// Whether [`Pending::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        // SeqCst, as `get`: read beside it by `Ledger::is_idle`.
+        self.state.load(Ordering::SeqCst) & CLOSED != 0
+    }
 }
