@@ -92,6 +92,7 @@ impl fmt::Debug for Ticket {
     }
 }
 
+/// Pending accounting: a ticket per callback, its ending, `idle`, and the write-off.
 impl Ledger {
     /// Counts a newly registered callback, until its ticket ends. When the layer already holds
     /// `bound` pending callbacks, the callback is refused and counted as shed instead; when it
@@ -164,29 +165,6 @@ impl Ledger {
         recorder_panicked(warn);
     }
 
-    /// Publishes through the metrics recorder, the only way the ledger calls it: the recorder
-    /// is user code, at every call, and a panic in it must not cost a request, a callback or a
-    /// pending place, nor abort the process (a gauge is published from `Drop`, maybe while
-    /// unwinding). The panic is caught and counted; `Some(panics since the last warning)` when
-    /// a warning is due now, for [`recorder_panicked`] to give once the caller's accounting is
-    /// done. Costs nothing more than the call when the recorder does not panic.
-    #[cfg(feature = "metrics")]
-    fn publish(&self, publish: impl FnOnce()) -> Option<u64> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(publish)) {
-            Ok(()) => None,
-            Err(panic) => self.recorder_caught(panic),
-        }
-    }
-
-    /// Drops a panic of the recorder, and counts it.
-    #[cfg(feature = "metrics")]
-    #[cold]
-    #[inline(never)]
-    fn recorder_caught(&self, panic: Box<dyn std::any::Any + Send>) -> Option<u64> {
-        drop_caught(panic);
-        self.recorder_panics.event()
-    }
-
     /// Wakes the callers of `idle()`, if there are any. After the pending count, or the held
     /// bytes, reached zero: they count themselves before they read both, so one of the two sees
     /// the other.
@@ -199,138 +177,8 @@ impl Ledger {
         }
     }
 
-    /// Counts `bytes` of a snapshot that pending work now holds, unless the layer would hold
-    /// more than `max` (the caller then sheds its work).
-    pub(crate) fn hold_bytes(&self, bytes: usize, max: usize) -> Result<(), Refused> {
-        // Relaxed here and in the compare-and-swap: the bytes are a bound, not a guard of other
-        // memory, and read-modify-writes of one atomic are totally ordered, so the bound holds.
-        let mut held = self.held_bytes.load(Ordering::Relaxed);
-        loop {
-            let total = held.saturating_add(bytes);
-            if total > max {
-                let warn = self.refusals.event();
-                return Err(Refused {
-                    why: Refusal::HeldBytes,
-                    warn,
-                });
-            }
-            match self.held_bytes.compare_exchange_weak(
-                held,
-                total,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(now) => held = now,
-            }
-        }
-    }
-
-    /// Counts a snapshot cut by its cap; `Some(cut since the last warning)` when a warning is
-    /// due now.
-    pub(crate) fn truncated(&self) -> Option<u64> {
-        // Relaxed: a total read on its own; no callback's ending depends on it.
-        self.totals.truncated.fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        recorder_panicked(self.publish(|| metrics::counter!(names::TRUNCATED).increment(1)));
-        self.truncations.event()
-    }
-
-    /// The snapshot's bytes are no longer held. The last ones wake the callers of `idle()`,
-    /// which waits for them too: a request lets go of its snapshot as its driver retires, after
-    /// its last callback left the pending count.
-    pub(crate) fn release_bytes(&self, bytes: usize) {
-        // SeqCst: the drop to zero is the store of a store-load handshake with `idle` (its
-        // waiters' count, then `is_idle`), which only a single total order makes one side see.
-        if self.held_bytes.fetch_sub(bytes, Ordering::SeqCst) == bytes {
-            self.wake_idle();
-        }
-    }
-
-    /// Bytes of request snapshots that pending work holds now.
-    pub(crate) fn held_bytes(&self) -> usize {
-        // Relaxed: a reading of the gauge, exact on its own.
-        self.held_bytes.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn gauge(&self, gauge: Gauge, up: bool) {
-        let value = match gauge {
-            Gauge::Running => &self.totals.running,
-            Gauge::Queued => &self.totals.queued,
-        };
-        // Relaxed: a callback leaves its gauge before its ticket closes (`Running`), so the
-        // Release of `Pending::end` publishes the decrement to whoever sees nothing pending.
-        if up {
-            value.fetch_add(1, Ordering::Relaxed);
-        } else {
-            value.fetch_sub(1, Ordering::Relaxed);
-        }
-        #[cfg(feature = "metrics")]
-        {
-            let name = match gauge {
-                Gauge::Running => names::RUNNING,
-                Gauge::Queued => names::QUEUED,
-            };
-            recorder_panicked(self.publish(|| {
-                let gauge = metrics::gauge!(name);
-                if up {
-                    gauge.increment(1.0);
-                } else {
-                    gauge.decrement(1.0);
-                }
-            }));
-        }
-    }
-
-    /// Fired once a shutdown's grace ran out.
-    pub(crate) fn shutdown(&self) -> &StopSignal {
-        &self.shutdown
-    }
-
-    /// Raised while a shutdown drains.
-    pub(crate) fn draining(&self) -> &Draining {
-        &self.draining
-    }
-
-    /// The runtime that serves the layer.
-    pub(crate) fn serving(&self) -> &Serving {
-        &self.serving
-    }
-
     pub(crate) fn pending(&self) -> u64 {
         self.pending.get()
-    }
-
-    pub(crate) fn stats(&self) -> AfterStats {
-        let totals = &self.totals;
-        // Relaxed: each total is exact on its own; they agree with each other once a reader has
-        // acquired a pending count of zero (`idle`), which orders every ending before it.
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        AfterStats {
-            scheduled: load(&totals.scheduled),
-            completed: load(&totals.completed),
-            failed: load(&totals.failed),
-            panicked: load(&totals.panicked),
-            timed_out: load(&totals.timed_out),
-            cancelled: load(&totals.cancelled) + load(&totals.written_off),
-            forgotten: load(&totals.forgotten),
-            shed: load(&totals.shed),
-            truncated: load(&totals.truncated),
-            held_bytes: self.held_bytes() as u64,
-            running: load(&totals.running),
-            queued: load(&totals.queued),
-        }
-    }
-
-    /// The totals a drain reports the difference of: written-off callbacks are left out, they
-    /// count in the report of the drain that wrote them off.
-    pub(crate) fn settled(&self) -> AfterStats {
-        let mut stats = self.stats();
-        // Not `stats.cancelled - written_off`: a write-off landing between two reads of it
-        // would underflow.
-        // Relaxed, as in `stats`.
-        stats.cancelled = self.totals.cancelled.load(Ordering::Relaxed);
-        stats
     }
 
     /// Closes the layer, writes off every pending callback as cancelled, and tells every driver
@@ -396,6 +244,165 @@ impl Ledger {
             }
             notified.await;
         }
+    }
+}
+
+/// What pending work holds, and the readings of the totals and gauges.
+impl Ledger {
+    /// Counts `bytes` of a snapshot that pending work now holds, unless the layer would hold
+    /// more than `max` (the caller then sheds its work).
+    pub(crate) fn hold_bytes(&self, bytes: usize, max: usize) -> Result<(), Refused> {
+        // Relaxed here and in the compare-and-swap: the bytes are a bound, not a guard of other
+        // memory, and read-modify-writes of one atomic are totally ordered, so the bound holds.
+        let mut held = self.held_bytes.load(Ordering::Relaxed);
+        loop {
+            let total = held.saturating_add(bytes);
+            if total > max {
+                let warn = self.refusals.event();
+                return Err(Refused {
+                    why: Refusal::HeldBytes,
+                    warn,
+                });
+            }
+            match self.held_bytes.compare_exchange_weak(
+                held,
+                total,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// The snapshot's bytes are no longer held. The last ones wake the callers of `idle()`,
+    /// which waits for them too: a request lets go of its snapshot as its driver retires, after
+    /// its last callback left the pending count.
+    pub(crate) fn release_bytes(&self, bytes: usize) {
+        // SeqCst: the drop to zero is the store of a store-load handshake with `idle` (its
+        // waiters' count, then `is_idle`), which only a single total order makes one side see.
+        if self.held_bytes.fetch_sub(bytes, Ordering::SeqCst) == bytes {
+            self.wake_idle();
+        }
+    }
+
+    /// Bytes of request snapshots that pending work holds now.
+    pub(crate) fn held_bytes(&self) -> usize {
+        // Relaxed: a reading of the gauge, exact on its own.
+        self.held_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Counts a snapshot cut by its cap; `Some(cut since the last warning)` when a warning is
+    /// due now.
+    pub(crate) fn truncated(&self) -> Option<u64> {
+        // Relaxed: a total read on its own; no callback's ending depends on it.
+        self.totals.truncated.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        recorder_panicked(self.publish(|| metrics::counter!(names::TRUNCATED).increment(1)));
+        self.truncations.event()
+    }
+
+    pub(crate) fn gauge(&self, gauge: Gauge, up: bool) {
+        let value = match gauge {
+            Gauge::Running => &self.totals.running,
+            Gauge::Queued => &self.totals.queued,
+        };
+        // Relaxed: a callback leaves its gauge before its ticket closes (`Running`), so the
+        // Release of `Pending::end` publishes the decrement to whoever sees nothing pending.
+        if up {
+            value.fetch_add(1, Ordering::Relaxed);
+        } else {
+            value.fetch_sub(1, Ordering::Relaxed);
+        }
+        #[cfg(feature = "metrics")]
+        {
+            let name = match gauge {
+                Gauge::Running => names::RUNNING,
+                Gauge::Queued => names::QUEUED,
+            };
+            recorder_panicked(self.publish(|| {
+                let gauge = metrics::gauge!(name);
+                if up {
+                    gauge.increment(1.0);
+                } else {
+                    gauge.decrement(1.0);
+                }
+            }));
+        }
+    }
+
+    pub(crate) fn stats(&self) -> AfterStats {
+        let totals = &self.totals;
+        // Relaxed: each total is exact on its own; they agree with each other once a reader has
+        // acquired a pending count of zero (`idle`), which orders every ending before it.
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        AfterStats {
+            scheduled: load(&totals.scheduled),
+            completed: load(&totals.completed),
+            failed: load(&totals.failed),
+            panicked: load(&totals.panicked),
+            timed_out: load(&totals.timed_out),
+            cancelled: load(&totals.cancelled) + load(&totals.written_off),
+            forgotten: load(&totals.forgotten),
+            shed: load(&totals.shed),
+            truncated: load(&totals.truncated),
+            held_bytes: self.held_bytes() as u64,
+            running: load(&totals.running),
+            queued: load(&totals.queued),
+        }
+    }
+
+    /// The totals a drain reports the difference of: written-off callbacks are left out, they
+    /// count in the report of the drain that wrote them off.
+    pub(crate) fn settled(&self) -> AfterStats {
+        let mut stats = self.stats();
+        // Not `stats.cancelled - written_off`: a write-off landing between two reads of it
+        // would underflow.
+        // Relaxed, as in `stats`.
+        stats.cancelled = self.totals.cancelled.load(Ordering::Relaxed);
+        stats
+    }
+}
+
+/// The signals, the serving runtime, and the metrics recorder.
+impl Ledger {
+    /// Fired once a shutdown's grace ran out.
+    pub(crate) fn shutdown(&self) -> &StopSignal {
+        &self.shutdown
+    }
+
+    /// Raised while a shutdown drains.
+    pub(crate) fn draining(&self) -> &Draining {
+        &self.draining
+    }
+
+    /// The runtime that serves the layer.
+    pub(crate) fn serving(&self) -> &Serving {
+        &self.serving
+    }
+
+    /// Publishes through the metrics recorder, the only way the ledger calls it: the recorder
+    /// is user code, at every call, and a panic in it must not cost a request, a callback or a
+    /// pending place, nor abort the process (a gauge is published from `Drop`, maybe while
+    /// unwinding). The panic is caught and counted; `Some(panics since the last warning)` when
+    /// a warning is due now, for [`recorder_panicked`] to give once the caller's accounting is
+    /// done. Costs nothing more than the call when the recorder does not panic.
+    #[cfg(feature = "metrics")]
+    fn publish(&self, publish: impl FnOnce()) -> Option<u64> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(publish)) {
+            Ok(()) => None,
+            Err(panic) => self.recorder_caught(panic),
+        }
+    }
+
+    /// Drops a panic of the recorder, and counts it.
+    #[cfg(feature = "metrics")]
+    #[cold]
+    #[inline(never)]
+    fn recorder_caught(&self, panic: Box<dyn std::any::Any + Send>) -> Option<u64> {
+        drop_caught(panic);
+        self.recorder_panics.event()
     }
 }
 
