@@ -45,6 +45,7 @@ impl Pending {
     /// Counts one more pending callback, unless `bound` are pending or the layer is closed.
     pub(crate) fn register(&self, bound: usize) -> Result<(), Full> {
         let bound = u64::try_from(bound).unwrap_or(u64::MAX).min(PENDING);
+        // Relaxed: only a first guess at the state; the compare-and-swap below checks it.
         let mut state = self.state.load(Ordering::Relaxed);
         loop {
             if state & CLOSED != 0 {
@@ -53,10 +54,12 @@ impl Pending {
             if state & PENDING >= bound {
                 return Err(Full::Bound);
             }
+            // Release: what the caller did before (`Ledger::ticket` counts it scheduled) is seen
+            // by whoever acquires a later count (`get`); nothing to acquire. A failure retries.
             match self.state.compare_exchange_weak(
                 state,
                 state + ONE,
-                Ordering::AcqRel,
+                Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return Ok(()),
@@ -69,12 +72,17 @@ impl Pending {
     /// pending count. Returns how many are still pending, or `None` if a shutdown wrote it off
     /// (and `count` was not called).
     pub(crate) fn end(&self, count: impl FnOnce()) -> Option<u64> {
-        let state = self.state.fetch_add(COUNTING, Ordering::AcqRel);
+        // Relaxed: whether `close` came first is settled by the order of the read-modify-writes
+        // of this one word, whatever their ordering; and nothing is published yet.
+        let state = self.state.fetch_add(COUNTING, Ordering::Relaxed);
         if state & CLOSED != 0 {
-            self.state.fetch_sub(COUNTING, Ordering::AcqRel);
+            // Relaxed: only withdraws the mark; no one waits for a written-off callback.
+            self.state.fetch_sub(COUNTING, Ordering::Relaxed);
             return None;
         }
         count();
+        // Release, so that whoever acquires the count without this callback (`get`) sees what
+        // `count` counted; SeqCst, as the store of `Ledger::idle`'s handshake (`wake_idle`).
         let state = self.state.fetch_sub(COUNTING + ONE, Ordering::SeqCst);
         Some((state - (COUNTING + ONE)) & PENDING)
     }
@@ -83,6 +91,7 @@ impl Pending {
     /// not counting its ending right now is written off, and no longer pending. Returns how many
     /// it wrote off: none if it was closed already.
     pub(crate) fn close(&self) -> u64 {
+        // Relaxed: only a first guess at the state; the compare-and-swap below checks it.
         let mut state = self.state.load(Ordering::Relaxed);
         loop {
             if state & CLOSED != 0 {
@@ -91,6 +100,8 @@ impl Pending {
             let counting = (state & !CLOSED) / COUNTING;
             let written_off = (state & PENDING) - counting;
             let closed = (state | CLOSED) - written_off * ONE;
+            // SeqCst: the store of `Ledger::idle`'s handshake, as in `end`: `Ledger::write_off`
+            // reads the waiters after it. Once a shutdown, so it costs nothing.
             match self.state.compare_exchange_weak(
                 state,
                 closed,
@@ -105,12 +116,15 @@ impl Pending {
 
     /// How many callbacks are pending.
     pub(crate) fn get(&self) -> u64 {
+        // Acquire, pairing with the Release in `end`: a count without a callback comes with its
+        // ending counted. SeqCst: the load of `Ledger::idle`'s handshake with `wake_idle`.
         self.state.load(Ordering::SeqCst) & PENDING
     }
 
     /// Whether [`Pending::close`] was called.
     pub(crate) fn is_closed(&self) -> bool {
-        // SeqCst, as `get`: read beside it by `Ledger::is_idle`.
+        // SeqCst, as `get`: the load of `Ledger::idle`'s handshake with `Ledger::write_off`,
+        // which closes, then reads the waiters.
         self.state.load(Ordering::SeqCst) & CLOSED != 0
     }
 }

@@ -30,9 +30,10 @@ struct Alive {
 
 impl Drop for Alive {
     fn drop(&mut self) {
-        // Only if no later runtime was remembered meanwhile.
+        // Only if no later runtime was remembered meanwhile. Relaxed: the generation guards no
+        // memory (the handle is read under the lock); a compare-and-swap sees the latest value.
         let _ =
-            (self.live).compare_exchange(self.generation, 0, Ordering::AcqRel, Ordering::Relaxed);
+            (self.live).compare_exchange(self.generation, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 
@@ -40,7 +41,9 @@ impl Serving {
     /// Whether a live serving runtime is known.
     #[inline]
     pub(crate) fn is_known(&self) -> bool {
-        self.live.load(Ordering::Acquire) != 0
+        // Relaxed: a hint that guards no memory; the handle is read under the lock (`handle`),
+        // and `remember` checks again under it.
+        self.live.load(Ordering::Relaxed) != 0
     }
 
     /// Remembers the current runtime, where a request is served, unless a live one is known
@@ -77,7 +80,9 @@ impl Serving {
             .as_ref()
             .map_or(1, |(generation, _)| generation + 1);
         *remembered = Some((generation, runtime.clone()));
-        self.live.store(generation, Ordering::Release);
+        // Relaxed: stored under the lock, which orders it before `handle`'s read; `is_known`
+        // reads it as a hint only.
+        self.live.store(generation, Ordering::Relaxed);
         let alive = Alive {
             live: self.live.clone(),
             generation,
@@ -94,7 +99,9 @@ impl Serving {
             .remembered
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let live = self.live.load(Ordering::Acquire);
+        // Relaxed: read under the lock that `remember` stores it under; the handle comes from the
+        // lock too, so this load needs to acquire nothing.
+        let live = self.live.load(Ordering::Relaxed);
         match &*remembered {
             Some((generation, handle)) if *generation == live => Some(handle.clone()),
             _ => None,

@@ -22,14 +22,17 @@ impl Draining {
     /// A drain starts: wakes every waiter. It is under way until the guard is dropped.
     pub(crate) fn start(&self) -> DrainUnderWay<'_> {
         // Counted before the waiters are woken, so that a woken waiter finds it under way.
-        self.drains.fetch_add(1, Ordering::SeqCst);
+        // Relaxed: Notify orders it before any `Notified` made after the wake-up (`started`).
+        self.drains.fetch_add(1, Ordering::Relaxed);
         self.waiters.notify_waiters();
         DrainUnderWay(self)
     }
 
     /// Whether a drain is under way.
     pub(crate) fn is_under_way(&self) -> bool {
-        self.drains.load(Ordering::SeqCst) > 0
+        // Acquire, pairing with the Release in `DrainUnderWay::drop`: who finds the drains over
+        // also finds a write-off's `StopSignal::fire` (`AfterContext::stopping` reads it next).
+        self.drains.load(Ordering::Acquire) > 0
     }
 
     /// Resolves once a drain started after its creation. Check [`Draining::is_under_way`] after
@@ -44,7 +47,9 @@ pub(crate) struct DrainUnderWay<'a>(&'a Draining);
 
 impl Drop for DrainUnderWay<'_> {
     fn drop(&mut self) {
-        self.0.drains.fetch_sub(1, Ordering::SeqCst);
+        // Release, pairing with the Acquire in `is_under_way`: publishes the drain's write-off
+        // (`StopSignal::fire`), if it had one, with the drain's end.
+        self.0.drains.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -60,13 +65,16 @@ pub(crate) struct StopSignal {
 impl StopSignal {
     /// Tells the work to stop.
     pub(crate) fn fire(&self) {
-        // Set before the waiters are woken, so that a woken driver finds it set.
-        self.fired.store(true, Ordering::SeqCst);
+        // Release, pairing with the Acquire in `is_fired`: who finds it set sees what came before
+        // (a write-off's `Pending::close`). Set before the wake-up, which Notify orders after it.
+        self.fired.store(true, Ordering::Release);
         self.waiters.notify_waiters();
     }
 
     /// Whether [`StopSignal::fire`] was called.
     pub(crate) fn is_fired(&self) -> bool {
+        // Acquire, pairing with the Release in `fire`. No SeqCst: a waiter makes its `Notified`
+        // before this read, and Notify orders `fire`'s wake-up before a `Notified` made after it.
         self.fired.load(Ordering::Acquire)
     }
 
