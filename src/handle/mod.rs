@@ -92,6 +92,7 @@ const OUTSIDE_MESSAGE: &str = "`After::current()` (or `tower_after::after`) was 
     and call it from the request's own task (a task the handler spawns is outside that scope; \
     move a clone of `After` into it instead)";
 
+/// Finding the request, and what its handler leaves for the callbacks.
 impl After {
     pub(crate) fn new(inflight: Arc<Inflight>) -> Self {
         Self { inflight }
@@ -194,7 +195,10 @@ impl After {
         self.inflight.let_go_if_done();
         replaced
     }
+}
 
+/// Registering work.
+impl After {
     /// Runs `future` once the response has finished.
     ///
     /// The future is not polled before then. Registered after the response finished (from a
@@ -319,7 +323,10 @@ impl After {
     pub fn wait_until<F: AfterWork>(&self, future: F) {
         self.register(Plain::new(future), None, Start::Now);
     }
+}
 
+/// The fallible forms, which hand refused work back, and registration itself.
+impl After {
     /// Like [`After::run`], and says whether the work was accepted. When the layer refuses it
     /// (it already holds its [maximum of pending callbacks](crate::AfterLayer::max_pending) or
     /// [of snapshot bytes](crate::AfterLayer::max_held_bytes), or it was shut down), the error

@@ -20,12 +20,13 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::tasks::pending::{Full, Pending};
-use crate::tasks::refusal::{Refusal, Refused, Warnings};
+use crate::tasks::refusal::{Refusal, Refused};
 use crate::tasks::serving::Serving;
 use crate::tasks::signals::{Draining, StopSignal};
-#[cfg(feature = "metrics")]
 use crate::tasks::stats::names;
 use crate::tasks::stats::{AfterStats, Ended, Gauge, Totals};
+#[cfg(feature = "metrics")]
+use crate::tasks::warnings::Warnings;
 #[cfg(feature = "metrics")]
 use crate::unwind::drop_caught;
 

@@ -8,6 +8,7 @@ pub(crate) mod refusal;
 pub(crate) mod serving;
 pub(crate) mod signals;
 pub(crate) mod stats;
+pub(crate) mod warnings;
 
 use std::fmt;
 use std::future::Future;
