@@ -23,9 +23,9 @@ use crate::tasks::pending::{Full, Pending};
 use crate::tasks::refusal::{Refusal, Refused};
 use crate::tasks::serving::Serving;
 use crate::tasks::signals::{Draining, StopSignal};
+#[cfg(feature = "metrics")]
 use crate::tasks::stats::names;
 use crate::tasks::stats::{AfterStats, Ended, Gauge, Totals};
-#[cfg(feature = "metrics")]
 use crate::tasks::warnings::Warnings;
 #[cfg(feature = "metrics")]
 use crate::unwind::drop_caught;
