@@ -2,7 +2,8 @@
 //!
 //! User code runs everywhere the crate calls out: a callback, a value's `Drop`, an error's
 //! `Display`, a metrics recorder. Where a panic must not escape (a `Drop`, a driver, a response's
-//! `poll`), it is caught here.
+//! `poll`), it is caught: here for a value dropped, in `request/callback.rs` for a callback, and in
+//! `tasks/ledger.rs` for the metrics recorder.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -5,7 +5,7 @@
 //! On Lambda, `lambda_http` reads the response body to its end, then posts the response to the
 //! Runtime API: a request's callbacks would start before that post. While its invocation is
 //! *held*, a request that finishes leaves the start of its work here; [`Hold::release`] starts
-//! it all once the response is posted. From then on, [`Invocation::settled`] resolves whenever
+//! it all once the response is posted. From then on, [`Invocation::drivers_done`] resolves whenever
 //! no driver of those requests is at work. Its stop signal stops them when the invocation's time
 //! runs out, and when a shutdown of the layer it was made for (the drain's) runs out of grace;
 //! each request's own layer stops them too when its shutdown does.
@@ -42,9 +42,9 @@ pub(crate) struct Invocation {
     /// Drivers of its requests at work now.
     drivers: AtomicUsize,
     /// Woken whenever no driver is at work any more.
-    settled: Notify,
+    drivers_done: Notify,
     /// Fired when its time runs out.
-    stop: StopSignal,
+    stop_signal: StopSignal,
     /// When its time runs out, if it has a real deadline.
     cap: Option<Instant>,
     /// The layer it was made for: its shutdown stops the invocation's work, whichever layer
@@ -60,17 +60,17 @@ impl Invocation {
 
     /// How many drivers of its requests are at work.
     pub(crate) fn busy(&self) -> usize {
-        // SeqCst, as every access to the count: `settled` creates its `Notified`, then reads
+        // SeqCst, as every access to the count: `drivers_done` creates its `Notified`, then reads
         // this; a leaving driver decrements, then notifies. In one total order, either the read
         // sees zero or the notification finds the waiter.
         self.drivers.load(Ordering::SeqCst)
     }
 
     /// Resolves as soon as no driver of its requests is at work.
-    pub(crate) async fn settled(&self) {
+    pub(crate) async fn drivers_done(&self) {
         loop {
             // Created before the check, it hears a drop to zero that happens in between.
-            let notified = self.settled.notified();
+            let notified = self.drivers_done.notified();
             if self.busy() == 0 {
                 return;
             }
@@ -80,7 +80,7 @@ impl Invocation {
 
     /// Stops the work of its requests: its time ran out.
     pub(crate) fn stop(&self) {
-        self.stop.fire();
+        self.stop_signal.fire();
     }
 
     /// Starts the work held back so far, in the order it arrived; later work starts at once.
@@ -94,47 +94,53 @@ impl Invocation {
 
 /// The handle of the code that serves an invocation. Dropped without [`Hold::release`] (the
 /// invocation was abandoned), it releases the work all the same, so that none is left behind.
-pub(crate) struct Hold(Arc<Invocation>);
+pub(crate) struct Hold {
+    invocation: Arc<Invocation>,
+    /// The same invocation, as its requests' host.
+    host: HostRef,
+}
 
 impl Hold {
     /// A new invocation, held, made for the layer whose state `drain` is, whose work stops at
     /// `cap`, if it has one.
     pub(crate) fn new(drain: Arc<Ledger>, cap: Option<Instant>) -> Self {
-        Self(Arc::new(Invocation {
+        let invocation = Arc::new(Invocation {
             cap,
             held: Mutex::new(Some(Vec::new())),
             drivers: AtomicUsize::new(0),
-            settled: Notify::new(),
-            stop: StopSignal::default(),
+            drivers_done: Notify::new(),
+            stop_signal: StopSignal::default(),
             drain,
-        }))
+        });
+        let host: HostRef = Arc::new(Box::new(invocation.clone()));
+        Self { invocation, host }
     }
 
     /// Calls `f` with the invocation as the current host.
     pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        HOST.sync_scope(self.0.clone(), f)
+        HOST.sync_scope(self.host.clone(), f)
     }
 
     /// `future`, polled with the invocation as the current host.
     pub(crate) fn scope<F: Future>(&self, future: F) -> TaskLocalFuture<HostRef, F> {
-        HOST.scope(self.0.clone(), future)
+        HOST.scope(self.host.clone(), future)
     }
 
     /// Starts the work held back: the invocation's response is posted.
     pub(crate) fn release(self) -> Arc<Invocation> {
-        self.0.release();
-        self.0.clone()
+        self.invocation.release();
+        self.invocation.clone()
     }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
         // A no-op after `release`.
-        self.0.release();
+        self.invocation.release();
     }
 }
 
-impl Host for Invocation {
+impl Host for Arc<Invocation> {
     fn after_response(&self, start: Box<dyn FnOnce() + Send>) {
         let mut held = self.held();
         match held.as_mut() {
@@ -154,7 +160,7 @@ impl Host for Invocation {
     fn leave(&self) {
         // SeqCst, as every access to the count (see `busy`).
         if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.settled.notify_waiters();
+            self.drivers_done.notify_waiters();
         }
     }
 
@@ -164,7 +170,9 @@ impl Host for Invocation {
         if self.drain.shutdown().is_fired() {
             return Some(Stop::Shutdown);
         }
-        self.stop.is_fired().then_some(Stop::Host(NEAR_DEADLINE))
+        self.stop_signal
+            .is_fired()
+            .then_some(Stop::Host(NEAR_DEADLINE))
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -176,7 +184,7 @@ impl Host for Invocation {
     }
 
     fn stop_fired(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let own = self.stop.fired();
+        let own = self.stop_signal.fired();
         let drain = self.drain.shutdown().fired();
         Box::pin(async move {
             select(pin!(own), pin!(drain)).await;

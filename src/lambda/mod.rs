@@ -214,7 +214,7 @@ where
             inner: hold.scope(inner),
             hold: Some(hold),
             cap,
-            settling: None,
+            drivers_done: None,
         }
     }
 }
@@ -250,7 +250,7 @@ fn cap(deadline: SystemTime) -> Option<Instant> {
 }
 
 /// The wait for an invocation's after-work, once its response is posted.
-type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
+type DriversDone = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pin_project! {
     /// Response future of [`Drain`]: the invocation, up to the post of its response,
@@ -266,7 +266,7 @@ pin_project! {
         hold: Option<Hold>,
         cap: Option<Instant>,
         // Once the response is posted, while work runs: the invocation's outcome, and the wait.
-        settling: Option<(F::Output, Settling)>,
+        drivers_done: Option<(F::Output, DriversDone)>,
     }
 }
 
@@ -281,15 +281,15 @@ impl<F: Future> Future for DrainFuture<F> {
             let invocation = this.hold.take().map(Hold::release);
             match invocation {
                 Some(invocation) if invocation.busy() > 0 => {
-                    *this.settling = Some((output, Box::pin(drain(invocation, *this.cap))));
+                    *this.drivers_done = Some((output, Box::pin(drain(invocation, *this.cap))));
                 }
                 _ => return Poll::Ready(output),
             }
         }
-        if let Some((_, wait)) = this.settling.as_mut() {
+        if let Some((_, wait)) = this.drivers_done.as_mut() {
             ready!(wait.as_mut().poll(cx));
         }
-        match this.settling.take() {
+        match this.drivers_done.take() {
             Some((output, _)) => Poll::Ready(output),
             None => panic!("`DrainFuture` polled after completion"),
         }
@@ -308,7 +308,7 @@ impl<F: Future> fmt::Debug for DrainFuture<F> {
 async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
     // `until` keeps the cap even when callbacks block every worker thread, which would hold
     // Tokio's timers back.
-    if until(cap, invocation.settled()).await.is_some() {
+    if until(cap, invocation.drivers_done()).await.is_some() {
         return;
     }
     let requests = invocation.busy();
@@ -319,7 +319,11 @@ async fn drain(invocation: Arc<Invocation>, cap: Option<Instant>) {
         DrainLayer::DEADLINE_MARGIN
     );
     // Callbacks that can still react stop at once, each with a warning; stuck ones are left.
-    let _ = until(Instant::now().checked_add(SETTLE), invocation.settled()).await;
+    let _ = until(
+        Instant::now().checked_add(SETTLE),
+        invocation.drivers_done(),
+    )
+    .await;
 }
 
 /// Drains the callbacks of `tasks` when Lambda shuts the execution environment down: wires

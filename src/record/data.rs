@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use crate::unwind::drop_caught;
 
 /// Typed values that a request's handler leaves for its callbacks and its `after_each` hook
-/// ([`After::insert`](crate::After::insert), [`AfterContext::get`]): one per type, like
+/// ([`After::insert`](crate::After::insert), [`AfterContext::get`](crate::AfterContext::get)): one per type, like
 /// `http::Extensions`. Values are shared, not cloned, so no user code runs under the lock.
 #[derive(Default)]
 pub(crate) struct Data {

@@ -338,7 +338,6 @@ mod tests {
         assert_eq!(tasks.stats(), stats);
     }
 
-    /// A current-thread runtime of its own, with timers.
     #[tokio::test]
     async fn a_request_without_work_holds_no_bytes_and_one_with_many_counts_once() {
         let layer = AfterLayer::new();

@@ -212,13 +212,13 @@ fn wait(
         // A host waits for its drivers (a Lambda invocation, before it takes the next event):
         // they stop at once when their own layer's grace runs out too.
         let host = inflight.host.as_ref().map(|host| {
-            let (stopping, shutdown) = (host.stop_fired(), inflight.ledger().shutdown().fired());
+            let (host_stop, shutdown) = (host.stop_fired(), inflight.ledger().shutdown().fired());
             let either: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-                futures_util::future::select(stopping, std::pin::pin!(shutdown)).await;
+                futures_util::future::select(host_stop, std::pin::pin!(shutdown)).await;
             });
             Box::new(either)
         });
-        if host.is_none() && inflight.deadline().is_none() {
+        if host.is_none() && inflight.budget_deadline().is_none() {
             // Nothing to arm: early work before the end, or no budget.
             return inflight.stop_signalled();
         }
@@ -233,7 +233,7 @@ fn wait(
         return Some(why);
     }
     // The deadline is known once the response finished; until then only early work runs.
-    let deadline = inflight.deadline()?;
+    let deadline = inflight.budget_deadline()?;
     if waits.budget.is_none() {
         *arming = true;
         waits.budget.set(Some(tokio::time::sleep_until(deadline)));

@@ -137,6 +137,7 @@ impl Inflight {
         }
     }
 
+    /// Does what the scope asks. `serving`: called where the request is served (its response's
     /// future or body, or its own task), whose runtime is the request's.
     pub(super) fn act(self: &Arc<Self>, next: Next, serving: bool) {
         match next {
@@ -245,6 +246,7 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 2);
     }
 
+    /// A current-thread runtime of its own, with timers.
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

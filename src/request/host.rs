@@ -45,8 +45,9 @@ pub(crate) trait Host: Send + Sync {
     fn draining(&self) -> Option<&Draining>;
 }
 
-/// A shared host: every request that has one holds it.
-pub(crate) type HostRef = Arc<dyn Host>;
+/// A shared host, behind a thin pointer: every request that has one holds it, so it takes 8 bytes
+/// of every request's state, not 16. Made once per invocation.
+pub(crate) type HostRef = Arc<Box<dyn Host>>;
 
 tokio::task_local! {
     /// The host serving the current task, if any: set by the platform's layer around the code

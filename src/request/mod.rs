@@ -116,9 +116,8 @@ impl Terms {
 }
 
 // The request's state, shared by its handle, its body and its drivers: one allocation per
-// request, so a change that grows it must be a conscious one. Its host is a plain `Arc<dyn Host>`
-// (16 bytes): one allocation per Lambda invocation, not two for a thinner pointer.
-const _: () = assert!(std::mem::size_of::<Inflight>() <= 248);
+// request, so a change that grows it must be a conscious one.
+const _: () = assert!(std::mem::size_of::<Inflight>() <= 240);
 
 impl Inflight {
     /// A request entering the layer.

@@ -58,7 +58,7 @@ impl Inflight {
 
     /// When the callbacks' budget runs out, once the response finished; `None` before, or
     /// without a budget.
-    pub(super) fn deadline(&self) -> Option<Instant> {
+    pub(super) fn budget_deadline(&self) -> Option<Instant> {
         let finished = self.end.get()?.finished_at;
         Instant::from_std(finished).checked_add(self.terms.budget()?)
     }
@@ -67,7 +67,7 @@ impl Inflight {
     /// host's, whichever comes first.
     pub(super) fn end_of_work(&self) -> Option<Instant> {
         let host = self.host.as_ref().and_then(|host| host.deadline());
-        match (self.deadline(), host) {
+        match (self.budget_deadline(), host) {
             (Some(budget), Some(host)) => Some(budget.min(host)),
             (budget, host) => budget.or(host),
         }
@@ -89,7 +89,7 @@ impl Inflight {
         if let Some(why) = self.stop_signalled() {
             return Some(why);
         }
-        let deadline = self.deadline()?;
+        let deadline = self.budget_deadline()?;
         (Instant::now() >= deadline).then_some(Stop::Budget(self.budget()))
     }
 

@@ -356,7 +356,7 @@ impl Ledger {
 
     /// The totals a drain reports the difference of: written-off callbacks are left out, they
     /// count in the report of the drain that wrote them off.
-    pub(crate) fn settled(&self) -> AfterStats {
+    pub(crate) fn report_totals(&self) -> AfterStats {
         let mut stats = self.stats();
         // Not `stats.cancelled - written_off`: a write-off landing between two reads of it
         // would underflow.
@@ -426,12 +426,12 @@ mod tests {
 
     use super::Ledger;
 
-    /// `settled()` reads the written-off total twice (once inside `stats()`): a write-off
+    /// `report_totals()` reads the written-off total twice (once inside `stats()`): a write-off
     /// landing between the two reads makes `cancelled -= written_off` underflow (a panic in
     /// debug builds, a report of ~2^64 cancelled callbacks in release ones). Two drains at the
     /// same time, one reading its totals while the other writes off, hit it.
     #[test]
-    fn settled_totals_never_underflow_while_a_write_off_lands() {
+    fn report_totals_never_underflow_while_a_write_off_lands() {
         let barrier = Arc::new(Barrier::new(2));
         for _ in 0..20_000 {
             let ledger = Arc::new(Ledger::default());
@@ -447,9 +447,9 @@ mod tests {
             };
             barrier.wait();
             while !writer.is_finished() {
-                let _ = ledger.settled();
+                let _ = ledger.report_totals();
             }
-            let _ = ledger.settled();
+            let _ = ledger.report_totals();
             assert_eq!(writer.join().unwrap(), 64);
             drop(tickets);
         }

@@ -172,7 +172,7 @@ impl AfterTasks {
         async move {
             let deadline = Instant::now().checked_add(grace);
             let turn = until(deadline, ledger.drain.lock()).await;
-            let before = ledger.settled();
+            let before = ledger.report_totals();
             // Callbacks that watch `AfterContext::stopping` wrap up now, within the grace, and
             // until the drain ends: a drain that ends in time leaves the layer as before. Told
             // only once the totals are read, so that one that wraps up at once is in this
@@ -185,7 +185,7 @@ impl AfterTasks {
                 // now, in a moment.
                 let _ = until(Instant::now().checked_add(SETTLE), ledger.idle()).await;
             }
-            let after = ledger.settled();
+            let after = ledger.report_totals();
             let report = match turn {
                 Some(_) => ShutdownReport::between(&before, &after, written_off),
                 None => ShutdownReport {

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicU64;
 
 /// The totals, each counted on its own: they agree with each other whenever nothing is pending
-/// (see [`Ledger::ended`]).
+/// (see [`Ledger::ended`](crate::tasks::ledger::Ledger::ended)).
 #[derive(Default)]
 pub(crate) struct Totals {
     pub(crate) scheduled: AtomicU64,
@@ -57,7 +57,7 @@ pub(crate) enum Ended {
     Shed,
 }
 
-/// The gauges, for [`Ledger::gauge`].
+/// The gauges, for [`Ledger::gauge`](crate::tasks::ledger::Ledger::gauge).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Gauge {
     Running,
