@@ -516,7 +516,7 @@ pub(crate) fn callback_span(
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -702,43 +702,6 @@ mod tests {
         let audit = log.events.iter().find(|(_, span)| *span == Some("after"));
         assert!(audit.is_some(), "{:?}", log.events);
         assert_eq!(log.closed, ["request", "after"]);
-    }
-
-    #[tokio::test]
-    async fn blocking_work_runs_off_the_async_workers_with_its_context() {
-        let logs = Logs::capture();
-        let layer = AfterLayer::new();
-        let tasks = layer.tasks();
-        let slow_done = Arc::new(AtomicBool::new(false));
-        let seen_while_slow = Arc::new(Mutex::new(None));
-        let flag = slow_done.clone();
-        serve(&layer, move |after| {
-            after.run_blocking(move |ctx| {
-                assert_eq!(ctx.request().uri().path(), "/orders/7");
-                // The request is reachable from the blocking closure too.
-                assert!(After::try_current().is_some());
-                std::thread::sleep(Duration::from_millis(600));
-                flag.store(true, Ordering::SeqCst);
-            });
-            after.run_blocking(|_| fail("blocking bug"));
-        })
-        .await;
-        // Another request's callback runs while the blocking one sleeps.
-        let (flag, seen) = (slow_done.clone(), seen_while_slow.clone());
-        serve(&layer, move |after| {
-            after.run(async move { *seen.lock().unwrap() = Some(flag.load(Ordering::SeqCst)) });
-        })
-        .await;
-        eventually("the quick callback", || {
-            seen_while_slow.lock().unwrap().is_some()
-        })
-        .await;
-        assert_eq!(*seen_while_slow.lock().unwrap(), Some(false));
-        drained(&tasks).await;
-        assert!(slow_done.load(Ordering::SeqCst));
-        let stats = tasks.stats();
-        assert_eq!((stats.completed(), stats.panicked()), (2, 1));
-        assert_eq!(logs.lines_with("blocking bug").len(), 1);
     }
 
     /// Panics when dropped: user code the layer must survive.
