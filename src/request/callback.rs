@@ -4,6 +4,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
+use std::error::Error;
 use std::fmt;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe, Location};
@@ -27,15 +28,17 @@ use crate::unwind::drop_caught;
 pub(crate) type BoxCallback = Pin<Box<dyn Callback>>;
 
 /// Why a callback failed: the error it returned, to log and count.
-pub(crate) type Failure = Box<dyn fmt::Display + Send>;
+pub(crate) type Failure = Box<dyn Error + Send + Sync>;
 
-/// What a callback may return: `()`, or `Result<(), E>` with an error that can be displayed
-/// (`std::io::Error`, `anyhow::Error`, `Box<dyn Error + Send + Sync>`, a `String`...), so that `?`
-/// works inside it.
+/// What a callback may return: `()`, or `Result<(), E>` with an error that converts into
+/// `Box<dyn Error + Send + Sync>` (any `std` error that is `Send + Sync`, such as
+/// `std::io::Error`; `anyhow::Error`; `Box<dyn Error + Send + Sync>`; a `String` or a
+/// `&'static str`), so that `?` works inside it.
 ///
-/// A callback that returns `Err` is logged at `ERROR` inside its span, naming the error, and
-/// counted as [`failed`](crate::AfterStats::failed): apart from those that completed, and from
-/// those that panicked.
+/// A callback that returns `Err` is logged at `ERROR` inside its span, naming the error and every
+/// cause beneath it (`outer: cause: root`, from `std`'s `source()`, which also carries an
+/// `anyhow` context chain), and counted as [`failed`](crate::AfterStats::failed): apart from
+/// those that completed, and from those that panicked.
 ///
 /// An async block that never returns (it ends in `panic!`, or is an endless `loop`) has the
 /// type `!`, which is neither: move its body into an `async fn` that returns `()`.
@@ -50,7 +53,8 @@ pub(crate) type Failure = Box<dyn fmt::Display + Send>;
 /// # }
 /// ```
 #[diagnostic::on_unimplemented(
-    message = "a callback must return `()` or `Result<(), E>` with `E: Display`, not `{Self}`",
+    message = "a callback must return `()` or `Result<(), E>` with an error `E` that converts \
+               into `Box<dyn Error + Send + Sync>`, not `{Self}`",
     label = "returned here",
     note = "return `Ok(())` at the end of an `async move` block that uses `?`, and name the \
             error type if it cannot be inferred: `Ok::<_, MyError>(())`"
@@ -63,8 +67,6 @@ impl<T: sealed::Output + Send + 'static> AfterOutput for T {}
 // no other crate can name.
 #[allow(unreachable_pub)]
 pub(crate) mod sealed {
-    use std::fmt;
-
     use super::Failure;
 
     /// The crate's side of [`AfterOutput`](super::AfterOutput): not for implementing elsewhere.
@@ -79,9 +81,12 @@ pub(crate) mod sealed {
         }
     }
 
-    impl<E: fmt::Display + Send + 'static> Output for Result<(), E> {
+    impl<E> Output for Result<(), E>
+    where
+        E: Into<Failure> + Send + 'static,
+    {
         fn into_failure(self) -> Option<Failure> {
-            self.err().map(|error| Box::new(error) as Failure)
+            self.err().map(Into::into)
         }
     }
 }
@@ -451,7 +456,7 @@ fn log_failure(request: &RequestSnapshot, name: Option<&str>, failure: Failure) 
                 path = request.path(),
                 request_id = request.request_id(),
                 name,
-                error = %failure,
+                error = %Causes(&*failure),
                 "after callback failed"
             );
             drop(failure);
@@ -459,6 +464,24 @@ fn log_failure(request: &RequestSnapshot, name: Option<&str>, failure: Failure) 
         request,
         name,
     );
+}
+
+/// An error and its causes, outermost first, as `outer: cause: root`: `std`'s `source()` chain,
+/// which is also how `anyhow` exposes its contexts.
+struct Causes<'a>(&'a (dyn Error + 'static));
+
+impl fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        // Bounded, for a chain that loops back on itself.
+        for _ in 0..32 {
+            let Some(error) = cause else { break };
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
+    }
 }
 
 /// Drops a user's callback with `drop`, catching and logging a panic in its `Drop`.
@@ -556,6 +579,63 @@ mod tests {
         assert!(errors[0].contains("method=GET"), "{errors:?}");
         assert!(errors[0].contains("path=\"/orders/7\""), "{errors:?}");
         assert!(errors[0].contains("callback bug"), "{errors:?}");
+    }
+
+    /// An error wrapping another, as HTTP clients' errors wrap the I/O error beneath.
+    #[derive(Debug)]
+    struct Sending(std::io::Error);
+
+    impl std::fmt::Display for Sending {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("error sending request for url (http://127.0.0.1:3930/hook)")
+        }
+    }
+
+    impl std::error::Error for Sending {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_logged_with_every_cause_in_its_chain() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        serve(&layer, |after| {
+            after.run(async {
+                let refused = std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "connection refused",
+                );
+                Err::<(), _>(std::io::Error::other(Sending(refused)))
+            });
+            after.run(async {
+                use anyhow::Context;
+                Err::<(), _>(anyhow::anyhow!("the disk is full"))
+                    .context("writing the audit row")
+                    .context("auditing order 7")
+            });
+            after.run(async {
+                Err::<(), Box<dyn std::error::Error + Send + Sync>>(Box::new(Sending(
+                    std::io::Error::other("timed out"),
+                )))
+            });
+        })
+        .await;
+        drained(&tasks).await;
+        assert_eq!(tasks.stats().failed(), 3);
+        let failures = logs.lines_with("after callback failed");
+        for chain in [
+            "error sending request for url (http://127.0.0.1:3930/hook): connection refused",
+            "auditing order 7: writing the audit row: the disk is full",
+            "error sending request for url (http://127.0.0.1:3930/hook): timed out",
+        ] {
+            assert!(
+                failures.iter().any(|line| line.contains(chain)),
+                "{chain}: {failures:?}"
+            );
+        }
     }
 
     #[tokio::test]
