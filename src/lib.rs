@@ -301,8 +301,8 @@
 //! that did (with counts), and, at most once a second with a count, for refused work and
 //! truncated snapshots; an `ERROR` for each callback that panicked, inside its span and naming
 //! the request. Each cancelled callback's own line is at `DEBUG`, inside its span. At `INFO` it
-//! logs one line per process at most: on AWS Lambda, a shutdown drain that ended in time
-//! (`lambda::graceful_shutdown`) says what it drained. A filter such as `RUST_LOG=myapp=info`
+//! logs one line per shutdown: a drain that ended within its grace says what it drained (one that
+//! ran out says so at `WARN`). A filter such as `RUST_LOG=myapp=info`
 //! hides both those lines and the `after` spans: add `tower_after=info`, which keeps the spans
 //! (so your callbacks' own lines say which request they belong to) and adds no line per request.
 //!

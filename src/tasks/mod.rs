@@ -193,7 +193,18 @@ impl AfterTasks {
                     ..ShutdownReport::default()
                 },
             };
-            if !drained {
+            if drained {
+                // Once per shutdown: the one line the crate logs at INFO.
+                tracing::info!(
+                    completed = report.completed,
+                    failed = report.failed,
+                    panicked = report.panicked,
+                    timed_out = report.timed_out,
+                    forgotten = report.forgotten,
+                    ?grace,
+                    "after callbacks drained at shutdown"
+                );
+            } else {
                 tracing::warn!(
                     completed = report.completed,
                     failed = report.failed,
@@ -322,6 +333,27 @@ mod tests {
 
     use crate::test_util::{eventually, fail, Logs};
     use crate::{After, AfterLayer};
+
+    #[tokio::test]
+    async fn a_drain_that_ends_in_time_says_what_it_drained() {
+        let logs = Logs::capture();
+        let layer = AfterLayer::new();
+        let tasks = layer.tasks();
+        crate::test_util::serve(&layer, |after| {
+            after.run(tokio::time::sleep(Duration::from_millis(50)));
+        })
+        .await;
+        let report = tasks.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(report.completed(), 1);
+        let lines = logs.lines_with("after callbacks drained at shutdown");
+        assert_eq!(lines.len(), 1, "{}", logs.text());
+        assert!(
+            lines[0].contains("INFO")
+                && lines[0].contains("after callbacks drained at shutdown completed=1"),
+            "{lines:?}"
+        );
+        assert!(logs.lines_with("WARN").is_empty(), "{}", logs.text());
+    }
 
     /// Serves `count` requests whose callbacks each sleep for `sleep`, then, once all of them
     /// ended, register one more nested callback of the same length.
