@@ -7,7 +7,9 @@
 //! second with a count. The snapshot's bytes are let go once the request's work is done (its
 //! scope says so), or when the request is dropped with them still counted.
 
-use crate::request::Inflight;
+use std::sync::atomic::Ordering;
+
+use crate::request::{Inflight, Terms, HELD};
 use crate::tasks::ledger::Ticket;
 use crate::tasks::refusal::Overloaded;
 use crate::tasks::refusal::Refused;
@@ -125,6 +127,30 @@ impl Drop for Inflight {
         if self.terms.is_held() {
             self.config.ledger.release_bytes(self.snapshot.held_bytes());
         }
+    }
+}
+
+/// The request's side of the held bytes: whether its snapshot is counted, in the top bit of
+/// its terms.
+impl Terms {
+    pub(super) fn is_held(&self) -> bool {
+        // Relaxed: a hint, stale at worst (see `Inflight::release_bytes`); `hold` and `release`
+        // decide. In `Drop`, dropping the last `Arc` orders every `hold` before it.
+        self.0.load(Ordering::Relaxed) & HELD != 0
+    }
+
+    /// Marks the snapshot counted: `false` if it already was.
+    pub(super) fn hold(&self) -> bool {
+        // Release, pairing with the Acquire in `release`: the bytes counted before this
+        // (`Ledger::hold_bytes`) come before their uncounting, so the total never wraps below 0.
+        self.0.fetch_or(HELD, Ordering::Release) & HELD == 0
+    }
+
+    /// Marks the snapshot no longer counted: `true` if it was, for whoever then uncounts it.
+    pub(super) fn release(&self) -> bool {
+        // Acquire, pairing with the Release in `hold`; nothing for a later `hold` to acquire.
+        // Exactly once needs no ordering: one atomic's read-modify-writes are totally ordered.
+        self.0.fetch_and(!HELD, Ordering::Acquire) & HELD != 0
     }
 }
 

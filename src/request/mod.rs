@@ -29,7 +29,7 @@ pub(crate) mod host;
 pub(crate) mod scope;
 pub(crate) mod stop;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -68,52 +68,14 @@ pub(crate) struct Inflight {
 }
 
 /// The callbacks' budget in nanoseconds, and in its top bit whether the request's snapshot is
-/// counted in the layer's held bytes: two small facts every request carries, in one word.
+/// counted in the layer's held bytes: two small facts every request carries, in one word. The
+/// budget is read and set in `stop.rs`, the bit in `admission.rs`.
 struct Terms(AtomicU64);
 
-/// The top bit: the snapshot is counted.
+/// The top bit: the snapshot is counted (see `admission.rs`).
 const HELD: u64 = 1 << 63;
 /// The budget's bits at their highest: no budget (a budget of 292 years or more is none).
 const UNBOUNDED: u64 = HELD - 1;
-
-impl Terms {
-    fn set_budget(&self, budget: Duration) {
-        let nanos = u64::try_from(budget.as_nanos()).map_or(UNBOUNDED, |n| n.min(UNBOUNDED));
-        // Relaxed: the budget guards no memory (read once the response finished, see `budget`),
-        // and a read-modify-write keeps the HELD bit of a `hold` or `release` meanwhile.
-        let _ = (self.0).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |terms| {
-            Some(terms & HELD | nanos)
-        });
-    }
-
-    /// `None`: no budget.
-    fn budget(&self) -> Option<Duration> {
-        // Relaxed: set while the request is handled, read once it finished: after the reader
-        // found `Inflight::end` set (a `OnceLock`), which orders the setting before the read.
-        let nanos = self.0.load(Ordering::Relaxed) & UNBOUNDED;
-        (nanos != UNBOUNDED).then(|| Duration::from_nanos(nanos))
-    }
-
-    fn is_held(&self) -> bool {
-        // Relaxed: a hint, stale at worst (see `Inflight::release_bytes`); `hold` and `release`
-        // decide. In `Drop`, dropping the last `Arc` orders every `hold` before it.
-        self.0.load(Ordering::Relaxed) & HELD != 0
-    }
-
-    /// Marks the snapshot counted: `false` if it already was.
-    fn hold(&self) -> bool {
-        // Release, pairing with the Acquire in `release`: the bytes counted before this
-        // (`Ledger::hold_bytes`) come before their uncounting, so the total never wraps below 0.
-        self.0.fetch_or(HELD, Ordering::Release) & HELD == 0
-    }
-
-    /// Marks the snapshot no longer counted: `true` if it was, for whoever then uncounts it.
-    fn release(&self) -> bool {
-        // Acquire, pairing with the Release in `hold`; nothing for a later `hold` to acquire.
-        // Exactly once needs no ordering: one atomic's read-modify-writes are totally ordered.
-        self.0.fetch_and(!HELD, Ordering::Acquire) & HELD != 0
-    }
-}
 
 // The request's state, shared by its handle, its body and its drivers: one allocation per
 // request, so a change that grows it must be a conscious one.

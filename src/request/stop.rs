@@ -5,11 +5,12 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::request::Inflight;
+use crate::request::{Inflight, Terms, HELD, UNBOUNDED};
 use crate::tasks::signals::Draining;
 use crate::tasks::stats::Ended;
 
@@ -47,6 +48,26 @@ impl fmt::Display for Stop {
             Self::Shutdown => f.write_str("the shutdown grace period ran out"),
             Self::Host(why) => f.write_str(why),
         }
+    }
+}
+
+/// The budget, in the low bits of the request's terms.
+impl Terms {
+    pub(super) fn set_budget(&self, budget: Duration) {
+        let nanos = u64::try_from(budget.as_nanos()).map_or(UNBOUNDED, |n| n.min(UNBOUNDED));
+        // Relaxed: the budget guards no memory (read once the response finished, see `budget`),
+        // and a read-modify-write keeps the HELD bit of a `hold` or `release` meanwhile.
+        let _ = (self.0).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |terms| {
+            Some(terms & HELD | nanos)
+        });
+    }
+
+    /// `None`: no budget.
+    pub(super) fn budget(&self) -> Option<Duration> {
+        // Relaxed: set while the request is handled, read once it finished: after the reader
+        // found `Inflight::end` set (a `OnceLock`), which orders the setting before the read.
+        let nanos = self.0.load(Ordering::Relaxed) & UNBOUNDED;
+        (nanos != UNBOUNDED).then(|| Duration::from_nanos(nanos))
     }
 }
 
