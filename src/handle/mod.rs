@@ -15,8 +15,7 @@ use tokio::task::futures::TaskLocalFuture;
 
 use crate::record::snapshot::RequestSnapshot;
 use crate::request::blocking::run_blocking;
-use crate::request::callback::AfterOutput;
-use crate::request::callback::{Callback, Plain, WithContext};
+use crate::request::callback::{AfterOutput, Callback, Plain, WithContext};
 use crate::request::context::AfterContext;
 use crate::request::scope::Start;
 use crate::request::{Inflight, REQUEST};

@@ -10,8 +10,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 
-use crate::middleware::body::AfterBody;
-use crate::middleware::body::Finisher;
+use crate::middleware::body::{AfterBody, Finisher};
 use crate::record::outcome::Completion;
 use crate::request::Inflight;
 

@@ -8,8 +8,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::handle::After;
-use crate::middleware::body::AfterBody;
-use crate::middleware::body::Finisher;
+use crate::middleware::body::{AfterBody, Finisher};
 use crate::middleware::future::ResponseFuture;
 use crate::middleware::max_duration::RouteBudget;
 use crate::record::outcome::Completion;

@@ -11,8 +11,7 @@ use std::sync::atomic::Ordering;
 
 use crate::request::{Inflight, Terms, HELD};
 use crate::tasks::ledger::Ticket;
-use crate::tasks::refusal::Overloaded;
-use crate::tasks::refusal::Refused;
+use crate::tasks::refusal::{Overloaded, Refused};
 use crate::tasks::stats::Ended;
 
 impl Inflight {
